@@ -1,0 +1,130 @@
+"""DAC encoder / decoder (descript-audio-codec 1.0.0 layout) with the RVQ in between.
+
+Module nesting mirrors the official code so state-dict keys match
+(``dac.encoder.block.N...``, ``dac.quantizer.quantizers.i...``, ``dac.decoder.model.N...``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Snake1d, WNConv1d, WNConvTranspose1d
+from .rvq import ResidualVectorQuantize
+
+
+class ResidualUnit(nn.Module):
+    def __init__(self, dim: int, dilation: int = 1):
+        super().__init__()
+        pad = ((7 - 1) * dilation) // 2
+        self.block = nn.Sequential(
+            Snake1d(dim),
+            WNConv1d(dim, dim, kernel_size=7, dilation=dilation, padding=pad),
+            Snake1d(dim),
+            WNConv1d(dim, dim, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        pad = (x.shape[-1] - y.shape[-1]) // 2  # 0 with "same" padding; kept for odd configs
+        if pad > 0:
+            x = x[..., pad:-pad]
+        return x + y
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            ResidualUnit(dim // 2, dilation=1),
+            ResidualUnit(dim // 2, dilation=3),
+            ResidualUnit(dim // 2, dilation=9),
+            Snake1d(dim // 2),
+            WNConv1d(dim // 2, dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, d_model: int, strides: Sequence[int], d_latent: int):
+        super().__init__()
+        blocks: list[nn.Module] = [WNConv1d(1, d_model, kernel_size=7, padding=3)]
+        for stride in strides:
+            d_model *= 2
+            blocks.append(EncoderBlock(d_model, stride=stride))
+        blocks += [Snake1d(d_model), WNConv1d(d_model, d_latent, kernel_size=3, padding=1)]
+        self.block = nn.Sequential(*blocks)
+        self.enc_dim = d_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, input_dim: int, output_dim: int, stride: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            Snake1d(input_dim),
+            WNConvTranspose1d(input_dim, output_dim, kernel_size=2 * stride, stride=stride,
+                              padding=math.ceil(stride / 2)),
+            ResidualUnit(output_dim, dilation=1),
+            ResidualUnit(output_dim, dilation=3),
+            ResidualUnit(output_dim, dilation=9),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, input_channel: int, channels: int, rates: Sequence[int], d_out: int = 1):
+        super().__init__()
+        layers: list[nn.Module] = [WNConv1d(input_channel, channels, kernel_size=7, padding=3)]
+        output_dim = channels
+        for i, stride in enumerate(rates):
+            input_dim = channels // 2**i
+            output_dim = channels // 2 ** (i + 1)
+            layers.append(DecoderBlock(input_dim, output_dim, stride))
+        layers += [Snake1d(output_dim), WNConv1d(output_dim, d_out, kernel_size=7, padding=3), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class DAC(nn.Module):
+    """Container holding ``encoder``, ``quantizer`` and ``decoder`` (the official ``dac`` submodule)."""
+
+    def __init__(self, encoder_dim: int, encoder_rates: Sequence[int], latent_dim: int | None,
+                 decoder_dim: int, decoder_rates: Sequence[int], n_codebooks: int, codebook_size: int,
+                 codebook_dim, quantizer_dropout: float, sample_rate: int):
+        super().__init__()
+        if latent_dim is None:
+            latent_dim = encoder_dim * (2 ** len(encoder_rates))
+        self.latent_dim = latent_dim
+        self.sample_rate = sample_rate
+        self.hop_length = int(math.prod(encoder_rates))
+        self.encoder = Encoder(encoder_dim, encoder_rates, latent_dim)
+        self.quantizer = ResidualVectorQuantize(latent_dim, n_codebooks, codebook_size, codebook_dim,
+                                                quantizer_dropout)
+        self.decoder = Decoder(latent_dim, decoder_dim, decoder_rates)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Official init: trunc_normal on Conv1d.weight (a derived tensor under weight norm, so
+        # a no-op) and zero bias on every (non-transposed) Conv1d in the DAC.
+        for m in self.modules():
+            if isinstance(m, WNConv1d) and m.bias is not None and not m.bias.is_meta:
+                with torch.no_grad():
+                    m.bias.zero_()
+
+    def pad_to_hop(self, audio: torch.Tensor) -> torch.Tensor:
+        """Right-pad ``[B, 1, N]`` audio to a multiple of the hop (official ``preprocess``)."""
+        right_pad = -audio.shape[-1] % self.hop_length
+        return F.pad(audio, (0, right_pad)) if right_pad else audio

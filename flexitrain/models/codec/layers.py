@@ -1,0 +1,100 @@
+"""Weight-normalised convolutions and the Snake activation of the DAC codec.
+
+The official model uses the old ``torch.nn.utils.weight_norm`` hook API, so its
+state dict stores ``weight_g`` / ``weight_v`` / ``bias``. These modules keep
+exactly those parameter names (no hooks, no parametrizations) and compute the
+effective weight with the same kernel (``torch._weight_norm``, norm over every
+dim except 0), so outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _WeightNormMixin:
+    weight_g: nn.Parameter
+    weight_v: nn.Parameter
+
+    def _init_weight_norm(self, weight: torch.Tensor) -> None:
+        # g = ||v|| over all dims but 0, as torch.nn.utils.weight_norm does at wrap time.
+        self.weight_v = nn.Parameter(weight.detach().clone())
+        if weight.is_meta:
+            g = torch.empty((weight.shape[0],) + (1,) * (weight.dim() - 1), device="meta")
+        else:
+            g = torch._C._VariableFunctions.norm_except_dim(self.weight_v.detach(), 2, 0)
+        self.weight_g = nn.Parameter(g.clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+
+
+class WNConv1d(_WeightNormMixin, nn.Module):
+    """``weight_norm(nn.Conv1d(...))`` with the same keys and numerics."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, groups: int = 1, bias: bool = True,
+                 device=None):
+        super().__init__()
+        conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, device=device)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self._init_weight_norm(conv.weight)
+        self.bias = nn.Parameter(conv.bias.detach().clone()) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}")
+
+
+class WNConvTranspose1d(_WeightNormMixin, nn.Module):
+    """``weight_norm(nn.ConvTranspose1d(...))``: ``weight_g`` is ``[in, 1, 1]`` (dim 0 of ``[in, out, k]``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True, device=None):
+        super().__init__()
+        conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride,
+                                  padding=padding, bias=bias, device=device)
+        self.stride, self.padding = stride, padding
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self._init_weight_norm(conv.weight)
+        self.bias = nn.Parameter(conv.bias.detach().clone()) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+
+
+def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Snake: x + sin²(αx)/(α + 1e-9), the DAC formula term by term (same rounding).
+
+    Under no_grad it runs in place on one temporary, which halves the memory traffic
+    of the five element-wise passes; with autograd it uses the plain expression.
+    """
+    inv = (alpha + 1e-9).reciprocal()
+    if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+        return x + inv * torch.sin(alpha * x).pow(2)
+    t = alpha * x
+    t.sin_()
+    t.mul_(t)
+    t.mul_(inv)
+    return t.add_(x)
+
+
+class Snake1d(nn.Module):
+    def __init__(self, channels: int, device=None):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return snake(x, self.alpha)
