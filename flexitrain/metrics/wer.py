@@ -84,7 +84,8 @@ def error_counts(references: str | Sequence[str], hypotheses: str | Sequence[str
     fn = jiwer.process_words if unit == "word" else jiwer.process_characters
     # jiwer rejects a list where every reference is empty; count those pairs by hand.
     keep = [i for i, r in enumerate(refs) if r.strip()]
-    extra = sum(len(hyps[i].split() if unit == "word" else hyps[i]) for i in range(len(refs)) if i not in set(keep))
+    empty = [h for r, h in zip(refs, hyps) if not r.strip()]
+    extra = sum(len(h.split()) if unit == "word" else len(h) for h in empty)
     counts = ErrorCounts(insertions=extra)
     if keep:
         o = fn([refs[i] for i in keep], [hyps[i] for i in keep])

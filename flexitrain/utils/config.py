@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,10 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", retu
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name, overrides=overrides or [], return_hydra_config=return_hydra_config)
         if return_hydra_config:
+            OmegaConf.set_readonly(cfg.hydra, False)
             cfg.hydra.runtime.cwd = os.getcwd()
+            HydraConfig.instance().set_config(cfg)
+            OmegaConf.set_readonly(cfg.hydra, False)
+            cfg.hydra.runtime.output_dir = cfg.hydra.run.dir  # as in a real (single) run
             HydraConfig.instance().set_config(cfg)
     return cfg

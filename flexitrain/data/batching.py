@@ -1,0 +1,104 @@
+"""Dynamic batching by a budget of padded audio samples, length bucketing, and collation.
+
+Budget rule (all modes): a batch of B items padded to T samples has B * T <= budget, except a
+single item longer than the budget, which forms a batch alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class Item(NamedTuple):
+    audio: np.ndarray  # float32 [T] at the model rate
+    key: str
+    meta: dict
+    offset: float  # crop start in seconds within the source utterance
+
+
+def _text(meta: dict, name: str) -> str:
+    value = meta.get(name)
+    return "" if value is None else str(value)
+
+
+def collate(items: list[Item]) -> dict:
+    """-> {"audio": float32 [B,1,T], "lengths": int64 [B], "mask": bool [B,1,T], "offsets": float32 [B],
+    "keys"/"texts"/"speakers"/"languages": list[str]} (zero padding at the end)."""
+    lengths = torch.tensor([it.audio.shape[0] for it in items], dtype=torch.int64)
+    audio = torch.zeros(len(items), 1, int(lengths.max()), dtype=torch.float32)
+    for row, it in zip(audio, items):
+        row[0, : it.audio.shape[0]] = torch.from_numpy(it.audio)
+    return {
+        "audio": audio,
+        "lengths": lengths,
+        "mask": (torch.arange(audio.shape[-1]) < lengths[:, None]).unsqueeze(1),
+        "offsets": torch.tensor([it.offset for it in items], dtype=torch.float32),
+        "keys": [it.key for it in items],
+        "texts": [_text(it.meta, "text") for it in items],
+        "speakers": [_text(it.meta, "speaker") for it in items],
+        "languages": [_text(it.meta, "language") for it in items],
+    }
+
+
+class BucketBatcher:
+    """Streams items into `num_buckets` length buckets over (0, max_samples]; a bucket is
+    emitted when it holds as many items as fit the budget at the bucket's upper length."""
+
+    def __init__(self, budget_samples: int, max_batch_size: int, num_buckets: int, max_samples: int):
+        if budget_samples <= 0 or max_batch_size <= 0 or num_buckets <= 0 or max_samples <= 0:
+            raise ValueError("batch budget, max_batch_size, num_buckets and max length must be positive")
+        self.max_samples = max_samples
+        self.width = max_samples / num_buckets
+        self.upper = [math.ceil((b + 1) * self.width) for b in range(num_buckets)]
+        self.capacity = [max(1, min(max_batch_size, budget_samples // u)) for u in self.upper]
+        self.buckets: list[list[Item]] = [[] for _ in range(num_buckets)]
+
+    def add(self, item: Item) -> list[Item] | None:
+        n = item.audio.shape[0]
+        if n > self.max_samples:
+            return [item]
+        b = min(len(self.buckets) - 1, max(0, math.ceil(n / self.width) - 1))
+        bucket = self.buckets[b]
+        bucket.append(item)
+        if len(bucket) >= self.capacity[b]:
+            self.buckets[b] = []
+            return bucket
+        return None
+
+    def flush(self):
+        for b, bucket in enumerate(self.buckets):
+            if bucket:
+                yield bucket
+            self.buckets[b] = []
+
+
+def plan_batches(lengths: list[int], budget_samples: int, max_batch_size: int) -> list[list[int]]:
+    """Greedy packing of items sorted by length (a stable, deterministic order) -> lists of indices."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending: the newest item sets the padded length
+        if current and ((len(current) + 1) * lengths[i] > budget_samples or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def split_to_multiple(batches: list[list[int]], multiple: int) -> list[list[int]]:
+    """Split the largest batches in two until the count is a multiple of `multiple` (so every
+    DDP rank gets as many batches); stops early when only single-item batches are left."""
+    batches = [list(b) for b in batches]
+    while len(batches) % multiple:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]), default=None)
+        if largest is None or len(batches[largest]) < 2:
+            break
+        b = batches[largest]
+        batches[largest : largest + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]
+    return batches

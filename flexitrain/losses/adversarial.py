@@ -1,0 +1,37 @@
+"""LSGAN and feature-matching losses over discriminator outputs (codec.md §3.4).
+
+Each argument is what `CodecDiscriminator` returns: per sub-discriminator a list of feature maps
+whose last entry is the logit. Terms are summed over sub-discriminators (and layers), as the
+official ``GANLoss`` does, so weights keep the official meaning.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+DiscOutputs = list[list[Tensor]]
+
+
+def _check_pair(d_fake: DiscOutputs, d_real: DiscOutputs) -> None:
+    if len(d_fake) != len(d_real) or any(len(a) != len(b) for a, b in zip(d_fake, d_real)):
+        raise ValueError("fake and real discriminator outputs have different structures")
+
+
+def discriminator_loss(d_fake: DiscOutputs, d_real: DiscOutputs) -> Tensor:
+    """``Σ_d mean(D_d(fake)²) + mean((1 − D_d(real))²)``; pass outputs of ``D(fake.detach())``."""
+    _check_pair(d_fake, d_real)
+    return sum((f[-1].pow(2).mean() + (1 - r[-1]).pow(2).mean() for f, r in zip(d_fake, d_real)))
+
+
+def generator_adversarial_loss(d_fake: DiscOutputs) -> Tensor:
+    """``Σ_d mean((1 − D_d(fake))²)``."""
+    return sum((1 - f[-1]).pow(2).mean() for f in d_fake)
+
+
+def feature_matching_loss(d_fake: DiscOutputs, d_real: DiscOutputs) -> Tensor:
+    """``Σ_d Σ_layers L1(fmap_fake, sg(fmap_real))`` over all maps but the logit (each L1 a mean)."""
+    _check_pair(d_fake, d_real)
+    return sum(
+        F.l1_loss(f, r.detach()) for fakes, reals in zip(d_fake, d_real) for f, r in zip(fakes[:-1], reals[:-1])
+    )

@@ -1,0 +1,280 @@
+"""CodecTask: GAN training of FlexiCodec with semantic distillation (codec.md §3, with its §7 bugs fixed).
+
+One training step (manual optimisation, as the official trainer):
+  teacher features (frozen, eval) -> generator forward at a per-rank τ -> D step on detached fakes ->
+  G step on mel + adversarial + feature matching + VQ + distillation (+ REPA).
+`trainer.global_step` counts generator updates only: the discriminator steps its raw optimiser.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from flexitrain.losses.adversarial import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from flexitrain.losses.masking import lengths_to_mask, masked_mse
+from flexitrain.losses.mel import MultiScaleMelLoss
+from flexitrain.losses.weights import combine_losses, resolve_loss_weights
+from flexitrain.models.discriminators import CodecDiscriminator
+from flexitrain.tasks.checkpointing import load_weights_strict
+from flexitrain.tasks.schedules import warmup_cosine
+from flexitrain.tasks.teacher import build_teacher
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def si_sdr(pred: Tensor, target: Tensor, lengths: Tensor) -> Tensor:
+    """Scale-invariant SDR in dB per item over each item's valid samples ([B, T] inputs)."""
+    mask = lengths_to_mask(lengths, target.shape[-1]).to(target.dtype)
+    pred, target = pred * mask, target * mask
+    n = lengths.clamp(min=1).to(target.dtype)
+    pred = pred - (pred.sum(-1) / n)[:, None] * mask
+    target = target - (target.sum(-1) / n)[:, None] * mask
+    scale = (pred * target).sum(-1) / (target.pow(2).sum(-1) + 1e-8)
+    proj = scale[:, None] * target
+    return 10 * torch.log10(proj.pow(2).sum(-1) / ((pred - proj).pow(2).sum(-1) + 1e-8) + 1e-8)
+
+
+class CodecTask(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        teacher: dict,
+        discriminator: dict | None = None,
+        mel_loss: dict | None = None,
+        loss_weights: dict | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        grad_clip: float | None = 1.0,
+        disc_every: int = 1,
+        disc_start_step: int = 0,
+        accumulate_grad_batches: int = 1,
+        threshold: dict | None = None,
+        bypass_quantize_prob: float = 0.125,
+        use_repa: bool = True,
+        validation: dict | None = None,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        model, teacher = _plain(model), _plain(teacher)
+        self.save_hyperparameters()
+        self.generator = instantiate(model)
+        self.discriminator = CodecDiscriminator(**(_plain(discriminator) or {}))
+        self.mel_loss = MultiScaleMelLoss(sample_rate=self.generator.sample_rate, **(_plain(mel_loss) or {}))
+        self.loss_weights = resolve_loss_weights(_plain(loss_weights))
+        self.use_repa = use_repa
+        latent = self.generator.bottleneck_dim
+        self.repa_mlp = (nn.Sequential(nn.Linear(latent, 3 * 512), nn.GELU(), nn.Linear(3 * 512, 512))
+                         if use_repa else None)
+        # The frozen teacher is kept out of the module tree: never in the optimiser, the trainable state
+        # dict or DDP's gradient buckets, and `train()` cannot switch its dropout on (codec.md §7.9).
+        self._teacher = [build_teacher(teacher)]
+        self.optim_cfg = {"lr": 1e-4, "lr_d": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.01,
+                          **(_plain(optimizer) or {})}
+        self.sched_cfg = {"warmup_steps": 0, "total_steps": 1, "min_lr_ratio": 1.0, "schedule_d": True,
+                          **(_plain(scheduler) or {})}
+        self.grad_clip = grad_clip
+        self.disc_every = max(1, int(disc_every))
+        self.disc_start_step = int(disc_start_step)
+        self.accumulate = max(1, int(accumulate_grad_batches))
+        self.threshold_cfg = {"fixed": None, "lower": 0.8, "upper": 1.0, **(_plain(threshold) or {})}
+        self.bypass_quantize_prob = float(bypass_quantize_prob)
+        self.val_cfg = {"thresholds": [1.0, 0.91], "num_quantizers": None, "num_audio_examples": 2,
+                        **(_plain(validation) or {})}
+        self._rng = random.Random(0)  # reseeded per rank in setup(): τ and bypass draws differ across ranks
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._micro = 0
+
+    # ---------------------------------------------------------------- setup
+    @property
+    def teacher(self) -> nn.Module:
+        t = self._teacher[0]
+        if next(t.parameters()).device != self.device:
+            t.to(self.device)
+        return t
+
+    def setup(self, stage: str) -> None:
+        seed = int(torch.initial_seed()) % (2**31)
+        self._rng = random.Random(seed * 1000 + self.global_rank)
+
+    def init_from(self, path: str) -> None:
+        """Strictly initialise generator *and* discriminator (stage 2 from stage 1 or a released model)."""
+        load_weights_strict(self, path)
+
+    def configure_optimizers(self):
+        oc = self.optim_cfg
+        g_params = list(self.generator.parameters()) + (list(self.repa_mlp.parameters()) if self.repa_mlp else [])
+        opt_g = torch.optim.AdamW(g_params, lr=oc["lr"], betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"])
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=oc["lr_d"], betas=tuple(oc["betas"]),
+                                  weight_decay=oc["weight_decay"])
+        sc = self.sched_cfg
+        lam = warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"])
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lam)
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lam if sc["schedule_d"] else (lambda _: 1.0))
+        return [opt_g, opt_d], [sched_g, sched_d]
+
+    # ---------------------------------------------------------------- forward pieces
+    @torch.no_grad()
+    def teacher_features(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self.teacher(audio.float(), lengths)
+
+    def sample_threshold(self) -> float:
+        tc = self.threshold_cfg
+        if tc["fixed"] is not None:
+            return float(tc["fixed"])
+        return self._rng.uniform(float(tc["lower"]), float(tc["upper"]))
+
+    def generator_losses(self, batch: dict, threshold: float, bypass: bool) -> tuple[dict, Any, Tensor, Tensor]:
+        audio, lengths = batch["audio"], batch["lengths"]
+        semantic, semantic_lengths = self.teacher_features(audio, lengths)
+        out = self.generator.forward_train(audio, lengths, semantic_features=semantic,
+                                           semantic_lengths=semantic_lengths, threshold=threshold,
+                                           bypass_quantize=bypass)
+        fake = out.audio[..., : audio.shape[-1]]
+        real = audio[..., : fake.shape[-1]]
+        fake_lengths = lengths.clamp(max=fake.shape[-1])
+        # Padding is zero in both signals so the discriminator and the masked losses never see it.
+        mask = lengths_to_mask(fake_lengths, fake.shape[-1])[:, None].to(fake.dtype)
+        fake = fake * mask
+        terms = {
+            "mel": self.mel_loss(fake, real, fake_lengths),
+            "commit": out.commitment_loss,
+            "codebook": out.codebook_loss,
+            "distill": masked_mse(out.semantic_decoded, out.semantic_target.detach(), out.group_mask),
+        }
+        if self.repa_mlp is not None:
+            pred = self.repa_mlp(out.bottleneck_output.transpose(1, 2)).transpose(1, 2)
+            terms["repa"] = masked_mse(pred, out.repa_target.detach(), out.frame_mask)
+        return terms, out, fake, real
+
+    # ---------------------------------------------------------------- training
+    def _step_ok(self, loss: Tensor, grad_norm: Tensor | None) -> bool:
+        ok = torch.isfinite(loss.detach()).all()
+        if grad_norm is not None:
+            ok = ok & torch.isfinite(grad_norm)
+        # Every rank must take the same decision, or the replicas drift apart.
+        return bool(self.trainer.strategy.reduce_boolean_decision(bool(ok), all=True))
+
+    def _clip(self, params) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        threshold = self.sample_threshold()
+        bypass = self._rng.random() < self.bypass_quantize_prob
+        gen_step = self.global_step
+        gan_on = gen_step >= self.disc_start_step
+        self._micro += 1
+        last_micro = self._micro % self.accumulate == 0
+        logs: dict[str, Tensor] = {}
+
+        terms, out, fake, real = self.generator_losses(batch, threshold, bypass)
+        if gan_on and gen_step % self.disc_every == 0:
+            loss_d = discriminator_loss(self.discriminator(fake.detach()), self.discriminator(real))
+            self.manual_backward(loss_d / self.accumulate)
+            if last_micro:
+                norm_d = self._clip(self.discriminator.parameters())
+                if self._step_ok(loss_d, norm_d):
+                    opt_d.optimizer.step()  # raw step: global_step counts generator updates only
+                    sched_d.step()
+                else:
+                    self.skipped_steps += 1
+                opt_d.zero_grad(set_to_none=True)
+            logs["loss_d"] = loss_d.detach()
+        if gan_on:
+            d_fake = self.discriminator(fake)
+            with torch.no_grad():
+                d_real = self.discriminator(real)
+            terms["adv"] = generator_adversarial_loss(d_fake)
+            terms["feat"] = feature_matching_loss(d_fake, d_real)
+        loss_g, term_logs = combine_losses(terms, self.loss_weights)
+        self.manual_backward(loss_g / self.accumulate)
+        # D received generator-side gradients through d_fake: they belong to no D update.
+        opt_d.zero_grad(set_to_none=True)
+        if last_micro:
+            g_params = [p for g in opt_g.param_groups for p in g["params"]]
+            norm_g = self._clip(g_params)
+            if self._step_ok(loss_g, norm_g):
+                opt_g.step()
+                sched_g.step()
+            else:
+                self.skipped_steps += 1
+                log.warning("non-finite generator loss/gradient at step %d: update skipped", gen_step)
+            opt_g.zero_grad(set_to_none=True)
+            logs["grad_norm_g"] = norm_g.detach()
+        logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
+        logs["threshold"] = torch.tensor(threshold)
+        logs["tokens_per_second"] = out.num_tokens.float().sum() / (batch["lengths"].float().sum() / self.generator.sample_rate)
+        logs["skipped_steps"] = self.skipped_steps.float()
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, sync_dist=False)
+        self.log("loss_mel", term_logs["mel"], prog_bar=True, logger=False)
+
+    # ---------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        audio, lengths = batch["audio"], batch["lengths"]
+        sr = self.generator.sample_rate
+        semantic, semantic_lengths = self.teacher_features(audio, lengths)
+        bsz = audio.shape[0]
+        for tau in self.val_cfg["thresholds"]:
+            tokens = self.generator.encode(audio, lengths, threshold=float(tau),
+                                           num_quantizers=self.val_cfg["num_quantizers"],
+                                           semantic_features=semantic, semantic_lengths=semantic_lengths)
+            recon, recon_lengths = self.generator.decode(tokens)
+            recon = recon[..., : audio.shape[-1]]
+            n = min(recon.shape[-1], audio.shape[-1])
+            rl = torch.minimum(recon_lengths, lengths).clamp(max=n)
+            mel = self.mel_loss(recon[..., :n] * lengths_to_mask(rl, n)[:, None], audio[..., :n], rl)
+            sdr = si_sdr(recon[:, 0, :n], audio[:, 0, :n], rl).mean()
+            rate = tokens.num_tokens.float().sum() / (lengths.float().sum() / sr)
+            tag = f"tau{float(tau):g}"
+            self.log_dict({f"val/mel_distance_{tag}": mel, f"val/si_sdr_{tag}": sdr, f"val/frame_rate_{tag}": rate},
+                          batch_size=bsz, sync_dist=True)
+            if float(tau) == float(self.val_cfg["thresholds"][0]):
+                self.log("val/mel_distance", mel, batch_size=bsz, sync_dist=True, prog_bar=True)
+            if batch_idx == 0:
+                self._log_audio(f"{tag}", recon[:, 0], rl)
+        if batch_idx == 0:
+            self._log_audio("reference", audio[:, 0], lengths)
+
+    def _log_audio(self, tag: str, audio: Tensor, lengths: Tensor) -> None:
+        k = int(self.val_cfg["num_audio_examples"])
+        if k <= 0 or not self.trainer.is_global_zero:
+            return
+        for logger in self.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_audio"):  # TensorBoard
+                for i in range(min(k, audio.shape[0])):
+                    clip = audio[i, : int(lengths[i])].float().clamp(-1, 1).cpu()
+                    exp.add_audio(f"val_audio/{i}_{tag}", clip, self.global_step, sample_rate=self.generator.sample_rate)
+
+    # ---------------------------------------------------------------- checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["flexitrain"] = {
+            "rng_python": self._rng.getstate(),
+            "rng_torch": torch.get_rng_state(),
+            "micro_step": self._micro,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("flexitrain")
+        if state:
+            self._rng.setstate(state["rng_python"])
+            torch.set_rng_state(state["rng_torch"])
+            self._micro = int(state["micro_step"])
+
+    def export_generator(self, path: str) -> None:
+        """Write a generator-only inference checkpoint that `FlexiCodec.from_pretrained` loads."""
+        self.generator.save_pretrained(path)
