@@ -89,16 +89,3 @@ def plan_batches(lengths: list[int], budget_samples: int, max_batch_size: int) -
     if current:
         batches.append(current)
     return batches
-
-
-def split_to_multiple(batches: list[list[int]], multiple: int) -> list[list[int]]:
-    """Split the largest batches in two until the count is a multiple of `multiple` (so every
-    DDP rank gets as many batches); stops early when only single-item batches are left."""
-    batches = [list(b) for b in batches]
-    while len(batches) % multiple:
-        largest = max(range(len(batches)), key=lambda i: len(batches[i]), default=None)
-        if largest is None or len(batches[largest]) < 2:
-            break
-        b = batches[largest]
-        batches[largest : largest + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]
-    return batches

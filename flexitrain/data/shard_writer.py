@@ -541,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default="en", help="language when the input does not say")
     p.add_argument("--allow-missing-text", action="store_true",
                    help="keep folder audio with no transcript (text '') instead of skipping it")
-    p.add_argument("--order", choices=["input", "sorted", "shuffle"], default="sorted",
-                   help="sample order across shards (default sorted by id; deterministic)")
+    p.add_argument("--order", choices=["input", "sorted", "shuffle"], default="input",
+                   help="sample order across shards: input (folder scans are sorted by id; "
+                        "manifests keep their row order), sorted by id, or shuffle with --seed")
     p.add_argument("--seed", type=int, default=0, help="seed for --order shuffle")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if up to date")
     p.add_argument("--no-progress", action="store_true")

@@ -70,6 +70,19 @@ class DataStats:
         return dict(zip(REASONS, self.table.sum(0).tolist()))
 
 
+class NullStats(DataStats):
+    """Counts nothing (for re-reads whose problems were already counted)."""
+
+    def __init__(self):
+        self.local = np.zeros(len(REASONS), dtype=np.int64)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
 def merge(*totals: dict[str, int]) -> dict[str, int]:
     out = dict.fromkeys(REASONS, 0)
     for t in totals:

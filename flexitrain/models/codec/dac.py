@@ -36,6 +36,22 @@ class ResidualUnit(nn.Module):
         return x + y
 
 
+def time_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``x`` ``[B, C, T]`` past each item's length, so the next conv sees what it would
+    see for the item alone (zero padding). Snake(0) = 0, so masking before a Snake is enough."""
+    if lengths is None:
+        return x
+    keep = torch.arange(x.shape[-1], device=x.device) < lengths.unsqueeze(1)
+    return x * keep.unsqueeze(1).to(x.dtype)
+
+
+def conv_out_length(lengths: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    if isinstance(conv, WNConvTranspose1d):
+        return (lengths - 1) * s - 2 * p + k
+    return torch.div(lengths + 2 * p - conv.dilation * (k - 1) - 1, s, rounding_mode="floor") + 1
+
+
 class EncoderBlock(nn.Module):
     def __init__(self, dim: int, stride: int):
         super().__init__()
@@ -47,8 +63,13 @@ class EncoderBlock(nn.Module):
             WNConv1d(dim // 2, dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2)),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
+        if lengths is None:
+            return self.block(x)
+        for unit in self.block[:3]:
+            x = unit(time_mask(x, lengths))
+        x = self.block[4](self.block[3](time_mask(x, lengths)))
+        return x, conv_out_length(lengths, self.block[4])
 
 
 class Encoder(nn.Module):
@@ -62,8 +83,15 @@ class Encoder(nn.Module):
         self.block = nn.Sequential(*blocks)
         self.enc_dim = d_model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, 1, N]`` → ``[B, latent, N / hop]``. ``lengths`` (samples, multiples of the hop)
+        masks every conv input past each item's end (batched == one item at a time)."""
+        if lengths is None:
+            return self.block(x)
+        x = self.block[0](time_mask(x, lengths))
+        for blk in self.block[1:-2]:
+            x, lengths = blk(x, lengths)
+        return self.block[-1](self.block[-2](time_mask(x, lengths)))
 
 
 class DecoderBlock(nn.Module):
@@ -78,8 +106,14 @@ class DecoderBlock(nn.Module):
             ResidualUnit(output_dim, dilation=9),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
+        if lengths is None:
+            return self.block(x)
+        x = self.block[1](self.block[0](time_mask(x, lengths)))
+        lengths = conv_out_length(lengths, self.block[1])
+        for unit in self.block[2:]:
+            x = unit(time_mask(x, lengths))
+        return x, lengths
 
 
 class Decoder(nn.Module):
@@ -94,8 +128,14 @@ class Decoder(nn.Module):
         layers += [Snake1d(output_dim), WNConv1d(output_dim, d_out, kernel_size=7, padding=3), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, latent, T]`` → ``[B, 1, hop·T - δ]``; ``lengths`` (frames) masks padded frames."""
+        if lengths is None:
+            return self.model(x)
+        x = self.model[0](time_mask(x, lengths))
+        for blk in self.model[1:-3]:
+            x, lengths = blk(x, lengths)
+        return self.model[-1](self.model[-2](self.model[-3](time_mask(x, lengths))))
 
 
 class DAC(nn.Module):

@@ -1,0 +1,425 @@
+"""WebDataset shard reading for training and evaluation.
+
+Training (`TrainAudioDataset`): an endless per-worker sample stream, either *resampled*
+(each worker draws shards with replacement, seeded by seed/epoch/rank/worker) or *split*
+(shards dealt to ranks x workers, reshuffled and cycled; with fewer shards than ranks x
+workers every worker reads all shards and keeps every (ranks*workers)-th sample).  An epoch
+is a fixed number of batches per worker, so every DDP rank makes the same number of steps.
+
+Evaluation (`EvalAudioDataset`): a plan is made once in `__init__` (each rank reads and
+decodes the whole eval set once) -- the usable samples, their lengths and the batches.  The
+batches are dealt to ranks in contiguous blocks whose count is equal on every rank, so every
+usable sample is seen exactly once over all ranks x workers and no rank waits at the end.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+
+from .batching import BucketBatcher, Item, collate, plan_batches
+from .decode import AUDIO_KEYS, DecodeConfig, decode_audio, parse_meta
+from .stats import DataStats, NullStats
+
+log = logging.getLogger(__name__)
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, ... (not C:\ style paths on Linux)
+
+
+# ----------------------------------------------------------------------------- shard lists
+def expand_shards(spec, what: str = "shards") -> list[str]:
+    """A brace pattern, glob, directory (all *.tar inside), `pipe:`/remote URL, or a list of
+    these -> shard URLs.  Local patterns that match nothing raise ValueError."""
+    if spec is None:
+        return []
+    if not isinstance(spec, str):
+        if not isinstance(spec, Sequence) and not hasattr(spec, "__iter__"):
+            raise TypeError(f"{what}: expected a string or a list of strings, got {type(spec).__name__}")
+        urls = [u for s in spec for u in expand_shards(s, what)]
+        if not urls:
+            raise ValueError(f"{what}: the shard list {list(spec)!r} is empty")
+        return urls
+    spec = spec.strip()
+    if not spec:
+        raise ValueError(f"{what}: empty shard specification")
+    if _REMOTE.match(spec) and not spec.startswith("file:"):
+        return list(braceexpand.braceexpand(spec))
+    path = spec[5:] if spec.startswith("file:") else spec
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        urls = sorted(glob.glob(os.path.join(path, "*.tar")))
+        if not urls:
+            raise ValueError(f"{what}: directory {path!r} contains no *.tar shards")
+        return urls
+    urls, missing = [], []
+    for p in braceexpand.braceexpand(path):
+        hits = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else [])
+        if not hits:
+            missing.append(p)
+        urls.extend(hits)
+    if not urls:
+        raise ValueError(f"{what}: {spec!r} matches no shard files")
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ValueError(f"{what}: {len(missing)} shard(s) of {spec!r} do not exist: {shown}")
+    return urls
+
+
+def load_index(urls: list[str]) -> dict | None:
+    """Sample counts and durations from `index.json` beside local shards, when it covers all of
+    them: {"num_samples": N, "duration": secs, "per_shard": {url: n}}; otherwise None."""
+    per_shard, duration, cache = {}, 0.0, {}
+    for url in urls:
+        if _REMOTE.match(url) and not url.startswith("file:"):
+            return None
+        path = os.path.abspath(url[5:] if url.startswith("file:") else url)
+        folder = os.path.dirname(path)
+        if folder not in cache:
+            try:
+                with open(os.path.join(folder, "index.json")) as f:
+                    idx = json.load(f)
+                cache[folder] = {s["name"]: s for s in idx.get("shards", [])}
+            except (OSError, ValueError, TypeError, KeyError):
+                cache[folder] = None
+        entry = (cache[folder] or {}).get(os.path.basename(path))
+        if entry is None or "num_samples" not in entry:
+            return None
+        per_shard[url] = int(entry["num_samples"])
+        duration += float(entry.get("duration") or 0.0)
+    return {"num_samples": sum(per_shard.values()), "duration": duration, "per_shard": per_shard}
+
+
+# ----------------------------------------------------------------------------- tar reading
+def _split_name(name: str) -> tuple[str, str]:
+    """'dir/utt.flac' -> ('dir/utt', 'flac'); the key ends at the first dot of the basename."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :].lower())
+
+
+def iter_shard(url: str, stats: DataStats) -> Iterator[dict]:
+    """Samples {"__key__", "__url__", ext: bytes} of one shard.  An unreadable or truncated tar
+    is counted (bad_shard), logged, and ends that shard only; a shard without samples is counted
+    as empty_shard."""
+    stats.add("shards_read")
+    count, current, broken = 0, None, False
+    try:
+        stream = gopen(url, "rb")
+    except Exception as exn:
+        stats.add("bad_shard")
+        log.warning("cannot open shard %s: %s", url, exn)
+        return
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = _split_name(info.name)
+                if key.rpartition("/")[2].startswith("__") or not ext:
+                    continue  # webdataset metadata members
+                data = tar.extractfile(info).read()
+                tar.members = []  # stream mode keeps every TarInfo otherwise
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        count += 1
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+        if current is not None:
+            count += 1
+            yield current
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib_error()) as exn:
+        broken = True
+        stats.add("bad_shard")  # the sample being read when the tar broke is dropped
+        log.warning("unreadable or truncated shard %s after %d samples: %s", url, count, exn)
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a pipe: that exited non-zero raises here; the shard is already counted
+            pass
+    if count == 0 and not broken:
+        stats.add("empty_shard")
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+def decode_sample(sample: dict, cfg: DecodeConfig, stats: DataStats, rng) -> Item | None:
+    for ext in AUDIO_KEYS:
+        data = sample.get(ext)
+        if data is not None:
+            break
+    else:
+        stats.add("missing_audio")
+        return None
+    meta = parse_meta(sample.get("json"), stats)
+    out = decode_audio(data, cfg, stats, rng)
+    if out is None:
+        return None
+    return Item(out[0], sample["__key__"], meta, out[1])
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+@dataclass
+class LoaderConfig:
+    sample_rate: int = 16000
+    batch_seconds: float = 48.0
+    max_batch_size: int = 64
+    num_buckets: int = 8
+
+    @property
+    def budget(self) -> int:
+        return max(1, int(round(self.batch_seconds * self.sample_rate)))
+
+
+# ----------------------------------------------------------------------------- training
+class TrainAudioDataset(IterableDataset):
+    """Endless shuffled stream of cropped utterances, batched in the worker; yields
+    `batches_per_worker` batches per epoch (None: one pass over the split shards, single process)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        decode: DecodeConfig,
+        batching: LoaderConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        resampled: bool = True,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 1000,
+        batches_per_worker: int | None = None,
+        seed: int = 0,
+    ):
+        if not urls:
+            raise ValueError("TrainAudioDataset needs at least one shard")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if batches_per_worker is None and world_size > 1:
+            raise ValueError("with several ranks the epoch length must be fixed (epoch_samples or an index.json)")
+        self.urls, self.decode, self.batching = list(urls), decode, batching
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.resampled, self.shuffle_shards, self.shuffle_buffer = resampled, shuffle_shards, shuffle_buffer
+        self.batches_per_worker, self.seed = batches_per_worker, seed
+        self.epoch = 0
+        self.stats = DataStats(num_workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.batches_per_worker is None:
+            raise TypeError("a single-pass training stream has no known length")
+        return self.batches_per_worker * max(1, self.num_workers)
+
+    def _samples(self, wid: int, nw: int, rng: np.random.Generator) -> Iterator[dict]:
+        """Raw samples for this worker; endless unless this is a single-pass epoch."""
+        total, gid = self.world_size * nw, self.rank * nw + wid
+        endless = self.batches_per_worker is not None
+        n, barren = len(self.urls), 0
+        if self.resampled:
+            while True:
+                got = False
+                for sample in iter_shard(self.urls[int(rng.integers(n))], self.stats):
+                    got = True
+                    yield sample
+                barren = 0 if got else barren + 1
+                if barren > 3 * n + 10:
+                    raise RuntimeError(f"{barren} shard draws in a row gave no sample; shards unreadable? {self.stats.totals()}")
+        split_by_shard = n >= total
+        mine = self.urls[gid::total] if split_by_shard else self.urls
+        epoch_pass = 0
+        while True:
+            order = list(mine)
+            if self.shuffle_shards:  # the sample-split fallback needs the same order on all workers
+                shared = np.random.default_rng([self.seed, self.epoch, epoch_pass, 7])
+                (rng if split_by_shard else shared).shuffle(order)
+            got, index = False, 0
+            for url in order:
+                for sample in iter_shard(url, self.stats):
+                    index += 1
+                    if split_by_shard or (index - 1) % total == gid:
+                        got = True
+                        yield sample
+            if not endless:
+                return
+            if not got:
+                raise RuntimeError(f"a full pass over {len(order)} shards gave this worker no sample: {self.stats.totals()}")
+            epoch_pass += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        wid, nw = _worker()
+        self.stats.start()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, wid])
+        samples = self._samples(wid, nw, rng)
+        if self.shuffle_buffer > 1:
+            samples = _shuffle(samples, self.shuffle_buffer, rng)
+        bcfg = self.batching
+        max_len = self.decode.crop_samples or int(self.decode.max_duration * self.decode.sample_rate)
+        batcher = BucketBatcher(bcfg.budget, bcfg.max_batch_size, bcfg.num_buckets, max_len)
+        try:
+            yield from self._batches(samples, batcher, rng)
+        finally:
+            self.stats.flush()
+
+    def _batches(self, samples, batcher: BucketBatcher, rng) -> Iterator[dict]:
+        emitted, barren = 0, 0
+        quota = self.batches_per_worker
+        if quota == 0:
+            return
+        for sample in samples:
+            item = decode_sample(sample, self.decode, self.stats, rng)
+            if item is None:
+                barren += 1
+                if barren >= 10000:
+                    raise RuntimeError(f"10000 samples in a row were unusable: {self.stats.totals()}")
+                continue
+            barren = 0
+            batch = batcher.add(item)
+            if batch is not None:
+                yield self._emit(batch)
+                emitted += 1
+                if quota is not None and emitted >= quota:
+                    return
+        for batch in batcher.flush():  # single-pass epochs only
+            yield self._emit(batch)
+
+    def _emit(self, items: list[Item]) -> dict:
+        self.stats.add("samples", len(items))
+        self.stats.add("batches")
+        self.stats.flush()
+        return collate(items)
+
+
+def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Shuffle buffer: starts yielding after 64 samples and grows (by one every other sample) to `size`."""
+    buf: list[dict] = []
+    start = min(size, 64)
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) >= size or (len(buf) >= start and rng.random() < 0.5):
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+# ----------------------------------------------------------------------------- evaluation
+class EvalAudioDataset(IterableDataset):
+    """Deterministic, complete, non-duplicated evaluation batches for one rank (see module doc)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        decode: DecodeConfig,
+        batching: LoaderConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ):
+        if not urls:
+            raise ValueError("EvalAudioDataset needs at least one shard")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.urls, self.decode, self.batching = list(urls), decode, batching
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.stats = DataStats(num_workers)
+        self.batches = self._plan()  # this rank's batches: [(shard index, [keys])]
+
+    def _plan(self) -> list[tuple[int, list[str]]]:
+        plan: list[tuple[int, list[str]]] = []
+        total_items = 0
+        for s, url in enumerate(self.urls):
+            keys, lengths = [], []
+            for sample in iter_shard(url, self.stats):
+                item = decode_sample(sample, self.decode, self.stats, None)
+                if item is not None:
+                    keys.append(item.key)
+                    lengths.append(item.audio.shape[0])
+            total_items += len(keys)
+            for idx in plan_batches(lengths, self.batching.budget, self.batching.max_batch_size):
+                plan.append((s, [keys[i] for i in idx]))
+        if total_items == 0:
+            raise ValueError(f"no usable evaluation sample in {len(self.urls)} shard(s): {self.stats.totals()}")
+        plan = _equalize(plan, self.world_size)
+        per_rank = len(plan) // self.world_size
+        mine = plan[self.rank * per_rank : (self.rank + 1) * per_rank]
+        self.stats.add("eval_padding_batches", sum(1 for b in mine if b[2]))
+        self.stats.flush()
+        return mine
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        wid, nw = _worker()
+        self.stats.start()
+        per = math.ceil(len(self.batches) / nw)  # contiguous block per worker: fewer shards to read
+        mine = self.batches[wid * per : (wid + 1) * per]
+        by_shard: dict[int, list[tuple[list[str], bool]]] = {}
+        for s, keys, dup in mine:
+            by_shard.setdefault(s, []).append((keys, dup))
+        for s in sorted(by_shard):
+            wanted = {k for keys, _ in by_shard[s] for k in keys}
+            items = {}
+            for sample in iter_shard(self.urls[s], NullStats()):  # problems were counted by the plan
+                if sample["__key__"] in wanted:
+                    item = decode_sample(sample, self.decode, NullStats(), None)
+                    if item is not None:
+                        items[item.key] = item
+            for keys, dup in by_shard[s]:
+                batch_items = [items[k] for k in keys if k in items]
+                if not batch_items:  # the shard changed since the plan; nothing to give
+                    log.warning("evaluation shard %s changed since planning; batch dropped", self.urls[s])
+                    continue
+                batch = collate(batch_items)
+                if dup:
+                    batch["duplicate"] = True
+                else:
+                    self.stats.add("samples", len(batch_items))
+                self.stats.add("batches")
+                self.stats.flush()
+                yield batch
+        self.stats.flush()
+
+
+def _equalize(plan: list[tuple[int, list[str]]], world: int) -> list[tuple[int, list[str], bool]]:
+    """Make len(plan) a multiple of `world` by halving the largest batches (within their shard),
+    then, if only single-item batches are left, by repeating batches flagged duplicate=True."""
+    plan = [(s, list(k)) for s, k in plan]
+    while len(plan) % world:
+        i = max(range(len(plan)), key=lambda j: len(plan[j][1]))
+        s, keys = plan[i]
+        if len(keys) < 2:
+            break
+        half = len(keys) // 2
+        plan[i : i + 1] = [(s, keys[:half]), (s, keys[half:])]
+    out = [(s, k, False) for s, k in plan]
+    j = 0
+    while len(out) % world:
+        s, k, _ = out[j % len(plan)]
+        out.append((s, k, True))
+        j += 1
+    return out

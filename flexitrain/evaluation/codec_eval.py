@@ -1,0 +1,139 @@
+"""`python eval.py ckpt=... data=... thresholds=[...] num_quantizers=[...]`: quality against frame rate.
+
+Every utterance of the chosen split is encoded once per (threshold, num_quantizers) setting, decoded and
+scored; records are appended to `per_utterance.jsonl` as they are produced, so an interrupted evaluation
+resumes without recomputing anything already scored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from flexitrain.evaluation.loading import encode_decode, file_hash, load_codec
+from flexitrain.evaluation.report import GT, aggregate, plot_rate_quality, setting_name, write_per_utterance_csv, write_report
+from flexitrain.evaluation.scorers import Scorers
+from flexitrain.metrics.wer import word_error_rate
+
+log = logging.getLogger(__name__)
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interruption: recomputed
+            continue
+    return records
+
+
+def _eval_batches(data_cfg: dict, split: str, max_utterances: int | None):
+    """Yield full-length utterance batches of the chosen split (rank 0 of 1; every utterance once)."""
+    dm = instantiate(data_cfg)
+    dm.setup("test" if split == "test" else "validate")
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    seen = 0
+    for batch in loader:
+        if max_utterances is not None and seen >= max_utterances:
+            return
+        take = batch["audio"].shape[0] if max_utterances is None else min(batch["audio"].shape[0], max_utterances - seen)
+        seen += take
+        yield {k: (v[:take] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+
+
+def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    torch.manual_seed(int(cfg.seed))
+    out_dir = Path(cfg.out_dir)
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    generator, teacher = load_codec(cfg.ckpt, OmegaConf.to_container(cfg.teacher) if cfg.get("teacher") else None,
+                                    device=cfg.device)
+    sr = int(generator.sample_rate)
+    scorers = Scorers.from_config(OmegaConf.to_container(cfg.metrics), sr)
+    settings = [(float(t), None if q in (None, "all") else int(q)) for q in cfg.num_quantizers for t in cfg.thresholds]
+    records_path = out_dir / "per_utterance.jsonl"
+    records = _read_records(records_path)
+    done = {(r["key"], r["setting"]) for r in records}
+    data_cfg = OmegaConf.to_container(cfg.data)
+    data_cfg.update(num_workers=0, eval_crop_seconds=None, max_batch_size=int(cfg.batch_size))
+    start, n_new, n_utts, seconds = time.time(), 0, 0, 0.0
+    from rich.progress import Progress
+
+    with Progress(transient=False) as progress, open(records_path, "a") as sink:
+        task = progress.add_task("evaluating", total=cfg.max_utterances)
+        for batch in _eval_batches(data_cfg, cfg.split, cfg.max_utterances):
+            audio, lengths = batch["audio"].to(cfg.device), batch["lengths"].to(cfg.device)
+            keys, texts = batch["keys"], batch.get("texts") or [""] * len(batch["keys"])
+            refs = [audio[i, 0, : int(lengths[i])].float().cpu().numpy() for i in range(len(keys))]
+            n_utts += len(keys)
+            seconds += float(lengths.sum()) / sr
+            new: list[dict] = []
+            if any((k, GT) not in done for k in keys):
+                hyps, mos = scorers.transcribe(refs), scorers.mos_scores(refs)
+                for i, k in enumerate(keys):
+                    new.append({"key": k, "setting": GT, "text": texts[i], "duration": len(refs[i]) / sr,
+                                **({"hypothesis": hyps[i], "utt_wer": word_error_rate(texts[i], hyps[i])} if hyps else {}),
+                                **({"mos": mos[i]} if mos else {})})
+            semantic = None
+            for tau, nq in settings:
+                name = setting_name(tau, nq)
+                todo = [i for i, k in enumerate(keys) if (k, name) not in done]
+                if not todo:
+                    continue
+                if semantic is None:
+                    with torch.no_grad():
+                        semantic = teacher(audio, lengths)
+                tokens, recon, recon_lengths = encode_decode(generator, teacher, audio, lengths, tau, nq, semantic)
+                degs = [recon[i, 0, : int(lengths[i])].float().cpu().numpy() for i in todo]
+                sub_refs = [refs[i] for i in todo]
+                quality = scorers.quality_batch(sub_refs, degs)
+                hyps, sims, mos = scorers.transcribe(degs), scorers.similarity(sub_refs, degs), scorers.mos_scores(degs)
+                tl = tokens.token_lengths.cpu()
+                for j, i in enumerate(todo):
+                    lens = tl[i][tl[i] > 0].tolist()
+                    rec = {"key": keys[i], "setting": name, "threshold": tau, "num_quantizers": nq, "text": texts[i],
+                           "duration": len(refs[i]) / sr, "num_tokens": len(lens), "token_lengths": lens,
+                           "frame_rate": len(lens) / (len(refs[i]) / sr), **quality[j]}
+                    if hyps:
+                        rec.update(hypothesis=hyps[j], utt_wer=word_error_rate(texts[i], hyps[j]) if texts[i] else None)
+                    if sims:
+                        rec["sim"] = float(sims[j])
+                    if mos:
+                        rec["mos"] = mos[j]
+                    new.append(rec)
+                    if n_utts - len(keys) + i < int(cfg.num_audio_samples):
+                        sf.write(out_dir / "samples" / f"{keys[i]}_{name}.wav", degs[j], sr)
+            for i, k in enumerate(keys[: max(0, int(cfg.num_audio_samples) - (n_utts - len(keys)))]):
+                sf.write(out_dir / "samples" / f"{k}_reference.wav", refs[i], sr)
+            for rec in new:
+                sink.write(json.dumps(rec) + "\n")
+                done.add((rec["key"], rec["setting"]))
+            sink.flush()
+            records += new
+            n_new += len(new)
+            progress.update(task, advance=len(keys))
+    scorers.close()
+    if not records:
+        raise RuntimeError(f"no utterances evaluated: is the {cfg.split} split of {cfg.data} empty?")
+    summary = aggregate(records, int(generator.max_tokens_per_group), int(generator.n_codebooks))
+    meta = {"model": str(cfg.ckpt), "model_hash": file_hash(cfg.ckpt), "seed": int(cfg.seed),
+            "data": cfg.data.get(f"{cfg.split}_shards"), "num_utterances": n_utts, "audio_seconds": seconds,
+            "new_records": n_new, "eval_seconds": round(time.time() - start, 2),
+            "config": OmegaConf.to_container(cfg)}
+    (out_dir / "metrics.json").write_text(json.dumps({"meta": meta, "settings": summary}, indent=2))
+    write_per_utterance_csv(records, out_dir / "per_utterance.csv")
+    plot_rate_quality(summary, out_dir / "rate_quality.png")
+    report = write_report(out_dir, summary, meta, extra_sections=cfg.get("extra_sections") or [])
+    log.info("report: %s (%d new records, %.1f s)", report, n_new, meta["eval_seconds"])
+    return {"summary": summary, "meta": meta, "report": str(report)}
