@@ -171,6 +171,12 @@ def test_manifest_jsonl_and_tsv(libri, tmp_path):
         contents.append({k: (a.tobytes(), m) for k, (a, _, m) in samples.items()})
     assert contents[0] == contents[1]
 
+    # A .json file holding an array of rows is read like JSONL.
+    array = libri["root"] / "manifest.json"
+    array.write_text(json.dumps([json.loads(l) for l in jsonl.read_text().splitlines()[:2]]))
+    items, skipped, _ = sw.read_manifest(array)
+    assert [u.id for u in items] == sorted(libri["good"])[:2] and not skipped
+
 
 def test_manifest_errors_are_clear(tmp_path):
     bad = tmp_path / "m.tsv"
@@ -201,6 +207,14 @@ def test_workers_give_identical_output_and_build_is_idempotent(libri, tmp_path):
                    log=messages.append)
     assert "up to date" in messages[0]
     assert stamp == {p.name: p.stat().st_mtime_ns for p in one.iterdir()}
+
+    # A replaced input file is noticed and re-encoded.
+    path = libri["root"] / "19" / "198" / "19-198-0001.flac"
+    sf.write(path, _tone(4000, 16000, 1000), 16000)
+    index = sw.make_shards(libri["root"], one, max_samples_per_shard=2, progress=False,
+                           log=messages.append)
+    assert messages[-1].startswith("wrote 6 utterances")
+    assert _read_shards(one)["19-198-0001"][2]["num_samples"] == 4000
 
     # Changed options rebuild and remove stale shards and temp leftovers of a crashed run.
     (one / ".tmp-c000009-0000.tar").write_bytes(b"partial")
@@ -248,3 +262,14 @@ def test_cli_prints_summary_with_skip_reasons(libri, tmp_path, capsys):
     assert sw.main([str(tmp_path / "missing"), str(out)]) == 2
     assert "not found" in capsys.readouterr().err
     assert os.path.exists(out / "index.json")
+
+    # The option spellings used in the README work too.
+    jsonl, _ = _write_manifests(libri, tmp_path)
+    assert sw.main(["--manifest", str(jsonl), "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    assert "wrote 5 utterances" in capsys.readouterr().out
+    assert sw.main(["--input", str(libri["root"]), "--out", str(tmp_path / "i"), "--workers", "1",
+                    "--no-progress"]) == 0
+    assert "wrote 6 utterances" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sw.main(["--input", str(libri["root"])])  # no output folder
+    assert "give one input" in capsys.readouterr().err

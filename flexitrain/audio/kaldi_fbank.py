@@ -88,20 +88,28 @@ def num_frames(lengths: torch.Tensor, window_size: int, window_shift: int) -> to
 
 def _fbank_frames(frames: torch.Tensor, window_type: str, dither: float, preemph: float, num_mel_bins: int,
                   sample_rate: float, low_freq: float, high_freq: float) -> torch.Tensor:
-    """frames ``[..., W]`` -> log-mel ``[..., num_mel_bins]`` (the per-frame part of kaldi.fbank)."""
+    """frames ``[..., W]`` -> log-mel ``[..., num_mel_bins]`` (the per-frame part of kaldi.fbank).
+
+    Same float32 operations, in the same order, as the reference (|X|^2 is re^2 + im^2 instead of
+    hypot^2, a last-bit difference).
+    """
     size = frames.shape[-1]
     n_fft = 1 << (size - 1).bit_length()
     if dither != 0.0:
         frames = frames + torch.randn_like(frames) * dither
-    frames = frames - frames.mean(dim=-1, keepdim=True)
-    if preemph != 0.0:
-        prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
-        frames = frames - preemph * prev
-    frames = frames * kaldi_window(window_type, size, frames.device, frames.dtype)
-    power = torch.fft.rfft(frames, n=n_fft).abs().pow(2.0)
+    # Every full-size step writes into one zero-padded FFT buffer (fewer passes and allocations).
+    buf = frames.new_empty(*frames.shape[:-1], n_fft)
+    buf[..., size:] = 0.0
+    z = buf[..., :size]
+    torch.sub(frames, frames.mean(dim=-1, keepdim=True), out=z)  # remove DC offset
+    if preemph != 0.0:  # z[t] -= preemph * z[t-1], with z[-1] = z[0]; mul then sub, as the reference
+        z[..., 1:] -= z[..., :-1] * preemph
+        z[..., 0] -= z[..., 0] * preemph
+    z *= kaldi_window(window_type, size, frames.device, frames.dtype)
+    spec = torch.fft.rfft(buf)
+    power = torch.addcmul(spec.real * spec.real, spec.imag, spec.imag)  # |X|^2
     banks = kaldi_mel_banks(num_mel_bins, n_fft, sample_rate, low_freq, high_freq).to(frames.device, frames.dtype)
-    mel = power @ banks.T
-    return torch.max(mel, torch.tensor(_EPS, device=mel.device, dtype=mel.dtype)).log()
+    return (power @ banks.T).clamp_(min=_EPS).log_()
 
 
 def kaldi_fbank(
@@ -152,12 +160,13 @@ def kaldi_fbank(
                 sample_rate=sample_rate, low_freq=low_freq, high_freq=high_freq)
     frame_lengths = num_frames(lengths, size, shift)
     max_frames = max(int(frame_lengths.max()), 1)
-    out = wav.new_zeros(batch, max_frames, num_mel_bins)
     if n >= size:
-        frames = wav.unfold(-1, size, shift)[:, :max_frames]  # [B, F, W]; snip_edges
-        fb = _fbank_frames(frames, **opts)
-        valid = torch.arange(fb.shape[1], device=wav.device)[None, :] < frame_lengths[:, None]
-        out[:, : fb.shape[1]] = fb.masked_fill(~valid[..., None], 0.0)
+        frames = wav.unfold(-1, size, shift)[:, :max_frames]  # [B, F, W] view; snip_edges
+        out = _fbank_frames(frames, **opts)
+        valid = torch.arange(max_frames, device=wav.device)[None, :] < frame_lengths[:, None]
+        out.masked_fill_(~valid[..., None], 0.0)
+    else:
+        out = wav.new_zeros(batch, max_frames, num_mel_bins)
 
     short = [i for i, m in enumerate(lengths_list) if m < size]
     if short and not shrink_short:

@@ -110,7 +110,8 @@ def decode_audio(data: bytes, cfg: DecodeConfig, stats: DataStats, rng: np.rando
         except Exception:
             stats.add("corrupt_audio")
             return None
-    if x.shape[0] < need:  # the header promised more frames than the stream holds
+    if x.shape[0] < need and (subtype in _PCM or x.shape[0] == 0):
+        # the header promised more frames than the stream holds (lossy codecs only estimate it)
         stats.add("corrupt_audio")
         return None
     if subtype in ("PCM_S8", "PCM_U8"):

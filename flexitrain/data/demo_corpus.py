@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -114,6 +114,12 @@ def espeak_version(espeak: str = "espeak-ng") -> str:
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
     words = out.split()
     return words[words.index("text-to-speech:") + 1] if "text-to-speech:" in words else out.strip()
+
+
+def espeak_variants(espeak: str = "espeak-ng") -> set[str]:
+    """Variant names espeak-ng knows (``--voices=variant``, file column ``!v/<name>``)."""
+    out = subprocess.run([espeak, "--voices=variant"], capture_output=True, text=True).stdout
+    return {w[3:] for line in out.splitlines() for w in line.split() if w.startswith("!v/")}
 
 
 def synthesize(text: str, speaker: Speaker, sample_rate: int = 16000,
@@ -226,6 +232,10 @@ def build_demo_corpus(cfg: DemoCorpusConfig = DemoCorpusConfig(), *, force: bool
         log(f"demo corpus cached at {out} (params_hash {digest}): " + _totals(manifest))
         return manifest
 
+    # espeak-ng silently ignores an unknown variant, which would make two "speakers" identical.
+    unknown = sorted(set(v for v in cfg.variants if v) - espeak_variants(cfg.espeak))
+    if unknown:
+        raise ValueError(f"unknown espeak-ng variants {unknown}; see `espeak-ng --voices=variant`")
     speakers = choose_speakers(cfg)
     split_ids = split_sentences(len(sentences), cfg)
     counts = {"train": cfg.train_utterances, "valid": cfg.valid_utterances,

@@ -129,14 +129,13 @@ def iter_shard(url: str, stats: DataStats) -> Iterator[dict]:
                 key, ext = _split_name(info.name)
                 if key.rpartition("/")[2].startswith("__") or not ext:
                     continue  # webdataset metadata members
-                data = tar.extractfile(info).read()
-                tar.members = []  # stream mode keeps every TarInfo otherwise
                 if current is None or current["__key__"] != key:
-                    if current is not None:
+                    if current is not None:  # complete: yield it before a read can fail
                         count += 1
                         yield current
                     current = {"__key__": key, "__url__": url}
-                current[ext] = data
+                current[ext] = tar.extractfile(info).read()
+                tar.members = []  # stream mode keeps every TarInfo otherwise
         if current is not None:
             count += 1
             yield current
@@ -195,6 +194,8 @@ class LoaderConfig:
 class TrainAudioDataset(IterableDataset):
     """Endless shuffled stream of cropped utterances, batched in the worker; yields
     `batches_per_worker` batches per epoch (None: one pass over the split shards, single process)."""
+
+    max_consecutive_bad = 10000  # then the data is broken: raise instead of spinning forever
 
     def __init__(
         self,
@@ -291,8 +292,9 @@ class TrainAudioDataset(IterableDataset):
             item = decode_sample(sample, self.decode, self.stats, rng)
             if item is None:
                 barren += 1
-                if barren >= 10000:
-                    raise RuntimeError(f"10000 samples in a row were unusable: {self.stats.totals()}")
+                if barren >= self.max_consecutive_bad:
+                    self.stats.flush()
+                    raise RuntimeError(f"{barren} samples in a row were unusable: {self.stats.totals()}")
                 continue
             barren = 0
             batch = batcher.add(item)

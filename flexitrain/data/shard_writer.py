@@ -22,7 +22,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import multiprocessing as mp
 import os
 import random
@@ -33,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -90,7 +89,7 @@ def scan_librispeech(root: str | Path, language: str = "en",
             if line:
                 utt_id, _, text = line.partition(" ")
                 transcripts[utt_id] = (text.strip(), trans.parent)
-    audio = {p.name.split(".")[0]: p for p in sorted(root.rglob("*"))
+    audio = {p.stem: p for p in sorted(root.rglob("*"))
              if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()}
     if not audio and not transcripts:
         raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
@@ -134,8 +133,12 @@ def read_manifest(path: str | Path, language: str = "en") -> tuple[list[Utteranc
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     rows: list[tuple[int, dict | None, str]] = []
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of rows
+            text = "\n".join(json.dumps(r) for r in json.loads(text))
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -143,10 +146,12 @@ def read_manifest(path: str | Path, language: str = "en") -> tuple[list[Utteranc
                 rows.append((n, row if isinstance(row, dict) else None, "not a JSON object"))
             except json.JSONDecodeError as e:
                 rows.append((n, None, f"invalid JSON: {e}"))
-    elif path.suffix.lower() in (".tsv", ".txt", ".csv"):
-        delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    elif suffix in (".tsv", ".txt", ".csv"):
+        # TSV fields are taken verbatim (quotes are text); CSV uses standard quoting.
+        style = {"delimiter": ","} if suffix == ".csv" else \
+            {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
         with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+            reader = csv.DictReader(f, **style)
             if reader.fieldnames is None or "path" not in reader.fieldnames:
                 raise ValueError(f"{path}: the first row must be a header with a 'path' column "
                                  f"(got {reader.fieldnames})")
@@ -170,7 +175,7 @@ def read_manifest(path: str | Path, language: str = "en") -> tuple[list[Utteranc
         extra = {k: v for k, v in row.items() if k not in _MANIFEST_FIELDS}
         extra.setdefault("source_path", str(row["path"]))
         items.append(Utterance(
-            id=str(row.get("id") or audio.name.split(".")[0]), path=str(audio),
+            id=str(row.get("id") or audio.stem), path=str(audio),
             text=str(row.get("text") or ""), speaker=str(row.get("speaker") or "unknown"),
             language=str(row.get("language") or language), extra=extra))
     return items, skipped, examples
@@ -380,11 +385,12 @@ def parse_size(text: str | int | None) -> int | None:
 def _params_hash(items: Sequence[Utterance], params: dict) -> str:
     h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for u in items:
-        try:
-            size = os.path.getsize(u.path)
+        try:  # a replaced file changes size or mtime, so it is re-encoded
+            st = os.stat(u.path)
+            stamp = [st.st_size, st.st_mtime_ns]
         except OSError:
-            size = -1
-        h.update(json.dumps([asdict(u), size], sort_keys=True, default=str).encode())
+            stamp = None
+        h.update(json.dumps([asdict(u), stamp], sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -447,7 +453,7 @@ def write_shards(items: Sequence[Utterance], out_dir: str | Path, *, sample_rate
             if old.get("params_hash") == params_hash and all(
                     (out_dir / s["name"]).is_file() for s in old["shards"]):
                 log(f"{out_dir}: up to date ({old['num_samples']} samples, "
-                    f"{len(old['shards'])} shards); pass overwrite to rebuild")
+                    f"{len(old['shards'])} shards); use --overwrite (overwrite=True) to rebuild")
                 return old
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
@@ -526,10 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flexitrain-make-shards",
         description="Convert a LibriSpeech-style folder or a JSONL/TSV manifest into WebDataset "
                     "shards (FLAC + JSON) with an index.json.")
-    p.add_argument("input", help="folder (LibriSpeech layout: */*.trans.txt beside the audio) "
-                                 "or manifest (.jsonl with path/text/speaker/language keys, or "
-                                 ".tsv with a header row of those columns)")
-    p.add_argument("out", help="output folder for shard-NNNNNN.tar and index.json")
+    p.add_argument("input", nargs="?", help="folder (LibriSpeech layout: *.trans.txt beside the "
+                   "audio) or manifest (.jsonl with path/text/speaker/language keys, or .tsv with "
+                   "a header row of those columns); same as --input / --manifest")
+    p.add_argument("out", nargs="?", help="output folder for shard-NNNNNN.tar and index.json "
+                                          "(same as --out)")
+    p.add_argument("--input", dest="input_opt", metavar="DIR", help="input folder (LibriSpeech layout)")
+    p.add_argument("--manifest", metavar="FILE", help="input manifest (.jsonl / .tsv)")
+    p.add_argument("--out", dest="out_opt", metavar="DIR", help="output folder")
     p.add_argument("--sample-rate", type=int, default=16000, help="target rate (default 16000)")
     p.add_argument("--max-samples-per-shard", type=int, default=1000)
     p.add_argument("--max-shard-size", default="500MB", help="e.g. 500MB, 1G; 0 = no limit")
@@ -562,9 +572,17 @@ def make_shards(input_path: str | Path, out: str | Path, *, language: str = "en"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sources = [x for x in (args.input, args.input_opt, args.manifest) if x]
+    out = args.out_opt or args.out
+    if len(sources) != 1 or not out or (args.out and args.out_opt):
+        parser.error("give one input (positional, --input DIR or --manifest FILE) and one output "
+                     "(positional or --out DIR)")
+    if args.manifest and not Path(args.manifest).is_file():
+        parser.error(f"--manifest {args.manifest}: not a file")
     try:
-        make_shards(args.input, args.out, language=args.language,
+        make_shards(sources[0], out, language=args.language,
                     require_text=not args.allow_missing_text, sample_rate=args.sample_rate,
                     max_samples_per_shard=args.max_samples_per_shard,
                     max_shard_size=args.max_shard_size, workers=args.workers,

@@ -12,13 +12,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import jiwer
-import torch
-from torchmetrics import Metric
 
 from .text_norm import normalize_text
 
-__all__ = ["ErrorCounts", "error_counts", "word_error_rate", "char_error_rate",
-           "utterance_error_rates", "WordErrorRate", "CharErrorRate"]
+__all__ = ["ErrorCounts", "error_counts", "word_error_rate", "char_error_rate", "utterance_error_rates"]
 
 
 @dataclass(frozen=True)
@@ -109,40 +106,3 @@ def utterance_error_rates(reference: str, hypothesis: str,
     w = error_counts(reference, hypothesis, "word", normalize)
     c = error_counts(reference, hypothesis, "char", normalize)
     return {"wer": w.rate, "cer": c.rate, "ref_words": float(w.reference_length), "word_errors": float(w.errors)}
-
-
-class _ErrorRate(Metric):
-    """torchmetrics Metric accumulating edit counts (summed across ranks on ``compute``)."""
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-    _unit = "word"
-
-    def __init__(self, normalize: bool | Callable[[str], str] = True, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.normalize = normalize
-        self.add_state("errors", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: str | Sequence[str], target: str | Sequence[str]) -> None:  # torchmetrics order
-        c = error_counts(target, preds, self._unit, self.normalize)
-        self.errors += c.errors
-        self.total += c.reference_length
-
-    def compute(self) -> torch.Tensor:
-        if self.total == 0:
-            return torch.tensor(float("nan") if self.errors == 0 else float("inf"))
-        return self.errors.double() / self.total
-
-
-class WordErrorRate(_ErrorRate):
-    """WER with the fixed normaliser; ``update(preds=hypotheses, target=references)``."""
-
-    _unit = "word"
-
-
-class CharErrorRate(_ErrorRate):
-    """CER with the fixed normaliser; ``update(preds=hypotheses, target=references)``."""
-
-    _unit = "char"

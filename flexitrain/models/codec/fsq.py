@@ -6,6 +6,7 @@ basis and implicit-codebook buffers are non-persistent, as in the official modul
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -37,7 +38,7 @@ class FSQ(nn.Module):
         else:
             self.project_in = nn.Identity()
             self.project_out = nn.Identity()
-        self.codebook_size = int(torch.tensor(levels).prod())
+        self.codebook_size = math.prod(levels)
 
     def bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
         levels = self._levels

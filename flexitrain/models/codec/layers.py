@@ -19,13 +19,15 @@ class _WeightNormMixin:
     weight_v: nn.Parameter
 
     def _init_weight_norm(self, weight: torch.Tensor) -> None:
-        # g = ||v|| over all dims but 0, as torch.nn.utils.weight_norm does at wrap time.
-        self.weight_v = nn.Parameter(weight.detach().clone())
+        # g = ||v|| over all dims but 0, as torch.nn.utils.weight_norm does at wrap time
+        # (registered after the bias, g before v: the official key order).
+        v = weight.detach().clone()
         if weight.is_meta:
             g = torch.empty((weight.shape[0],) + (1,) * (weight.dim() - 1), device="meta")
         else:
-            g = torch._C._VariableFunctions.norm_except_dim(self.weight_v.detach(), 2, 0)
+            g = torch._C._VariableFunctions.norm_except_dim(v, 2, 0)
         self.weight_g = nn.Parameter(g.clone())
+        self.weight_v = nn.Parameter(v)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -43,8 +45,8 @@ class WNConv1d(_WeightNormMixin, nn.Module):
                          dilation=dilation, groups=groups, bias=bias, device=device)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self._init_weight_norm(conv.weight)
         self.bias = nn.Parameter(conv.bias.detach().clone()) if bias else None
+        self._init_weight_norm(conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -64,8 +66,8 @@ class WNConvTranspose1d(_WeightNormMixin, nn.Module):
                                   padding=padding, bias=bias, device=device)
         self.stride, self.padding = stride, padding
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self._init_weight_norm(conv.weight)
         self.bias = nn.Parameter(conv.bias.detach().clone()) if bias else None
+        self._init_weight_norm(conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding)

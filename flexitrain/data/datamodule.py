@@ -1,0 +1,182 @@
+"""LightningDataModule over WebDataset audio shards.
+
+Batches are dicts: audio float32 [B,1,T], lengths int64 [B] (valid samples), mask bool [B,1,T],
+offsets float32 [B] (crop start, seconds), keys/texts/speakers/languages list[str]; an
+evaluation batch that repeats another one only to even out DDP ranks has "duplicate": True.
+
+Epochs: with `epoch_samples`, training draws shards with replacement (resampled); without
+it the shards' index.json gives the epoch size and shards are dealt to ranks x workers and
+cycled.  Either way each rank gets the same number of batches per epoch (no DDP hang), about
+epoch_samples / batch size in total.  Without either, a single-process run makes one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from .batching import BucketBatcher
+from .decode import DecodeConfig
+from .pipeline import EvalAudioDataset, LoaderConfig, TrainAudioDataset, expand_shards, load_index
+from .stats import REASONS, format_summary, merge
+
+log = logging.getLogger(__name__)
+
+
+class _EpochLoader(DataLoader):
+    """Sets the dataset's epoch before each pass so crops/shuffles differ per epoch; the
+    trainer's epoch is used when there is one, so a resumed run does not repeat epoch 0."""
+
+    def __init__(self, dataset, epoch_fn=None, **kw):
+        super().__init__(dataset, batch_size=None, **kw)
+        self._epoch_fn, self._passes = epoch_fn, 0
+
+    def __iter__(self):
+        if hasattr(self.dataset, "set_epoch"):
+            epoch = self._epoch_fn() if self._epoch_fn is not None else None
+            self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        self._passes += 1
+        return super().__iter__()
+
+
+class AudioDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        train_shards=None,
+        val_shards=None,
+        test_shards=None,
+        sample_rate: int = 16000,
+        train_crop_seconds: float | None = 3.0,
+        eval_crop_seconds: float | None = None,
+        batch_seconds: float = 48.0,
+        max_batch_size: int = 64,
+        num_buckets: int = 8,
+        num_workers: int = 2,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 1000,
+        epoch_samples: int | None = None,
+        max_duration: float = 30.0,
+        long_clip_policy: str = "skip",
+        min_duration: float = 0.1,
+        silence_threshold: float = 1e-4,
+        seed: int = 0,
+        pin_memory: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        if long_clip_policy not in ("skip", "crop"):
+            raise ValueError(f"long_clip_policy must be 'skip' or 'crop', got {long_clip_policy!r}")
+        if batch_seconds <= 0 or max_batch_size < 1 or num_buckets < 1 or sample_rate <= 0:
+            raise ValueError("batch_seconds, max_batch_size, num_buckets and sample_rate must be positive")
+        if epoch_samples is not None and epoch_samples < 1:
+            raise ValueError(f"epoch_samples must be positive or None, got {epoch_samples}")
+        self.save_hyperparameters(logger=False)
+        self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
+        self.sample_rate, self.num_workers, self.pin_memory, self.seed = sample_rate, num_workers, pin_memory, seed
+        self.epoch_samples, self.shuffle_shards, self.shuffle_buffer = epoch_samples, shuffle_shards, shuffle_buffer
+        self._rank, self._world = rank, world_size
+        self.batching = LoaderConfig(sample_rate, batch_seconds, max_batch_size, num_buckets)
+        common = dict(sample_rate=sample_rate, max_duration=max_duration, long_clip_policy=long_clip_policy,
+                      min_duration=min_duration, silence_threshold=silence_threshold)
+        crop = lambda s: None if s is None else max(1, int(round(s * sample_rate)))  # noqa: E731
+        self.train_decode = DecodeConfig(crop_samples=crop(train_crop_seconds), random_crop=True, **common)
+        self.eval_decode = DecodeConfig(crop_samples=crop(eval_crop_seconds), random_crop=False, **common)
+        self.datasets: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ ranks
+    def _dist(self) -> tuple[int, int]:
+        if self._rank is not None or self._world is not None:
+            return int(self._rank or 0), int(self._world or 1)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = self._dist()
+        if stage in (None, "fit") and "train" not in self.datasets:
+            if self.train_shards is None:
+                raise ValueError("data.train_shards is not set")
+            self.datasets["train"] = self._train_dataset(expand_shards(self.train_shards, "train_shards"), rank, world)
+        if stage in (None, "fit", "validate") and "val" not in self.datasets and self.val_shards is not None:
+            self.datasets["val"] = self._eval_dataset(expand_shards(self.val_shards, "val_shards"), rank, world)
+        if stage in (None, "test") and "test" not in self.datasets:
+            if self.test_shards is None:
+                if stage == "test":
+                    raise ValueError("data.test_shards is not set")
+            else:
+                self.datasets["test"] = self._eval_dataset(expand_shards(self.test_shards, "test_shards"), rank, world)
+
+    def _train_dataset(self, urls: list[str], rank: int, world: int) -> TrainAudioDataset:
+        index = load_index(urls)
+        workers = max(1, self.num_workers)
+        total = self.epoch_samples or (index["num_samples"] if index else None)
+        per_worker = None
+        if total is not None:
+            per_worker = max(1, math.ceil(total / (world * workers * self.nominal_batch_size(index))))
+        elif world > 1:
+            raise ValueError(
+                f"training on {world} ranks needs a fixed epoch length: set data.epoch_samples "
+                "or put an index.json beside the train shards")
+        if self.epoch_samples is None and index is not None and len(urls) < world * workers:
+            rank_zero_info(f"[data] {len(urls)} train shards < {world} ranks x {workers} workers: "
+                           "every worker reads all shards and keeps every n-th sample")
+        return TrainAudioDataset(
+            urls, self.train_decode, self.batching, rank=rank, world_size=world, num_workers=self.num_workers,
+            resampled=self.epoch_samples is not None, shuffle_shards=self.shuffle_shards,
+            shuffle_buffer=self.shuffle_buffer, batches_per_worker=per_worker, seed=self.seed)
+
+    def _eval_dataset(self, urls: list[str], rank: int, world: int) -> EvalAudioDataset:
+        return EvalAudioDataset(urls, self.eval_decode, self.batching, rank=rank, world_size=world,
+                                num_workers=self.num_workers)
+
+    def nominal_batch_size(self, index: dict | None = None) -> int:
+        """Expected training batch size: the bucket capacity at the typical item length (the
+        crop, or the mean utterance duration from index.json when shorter)."""
+        d = self.train_decode
+        max_len = d.crop_samples or int(d.max_duration * self.sample_rate)
+        typical = max_len
+        if index and index.get("duration") and index.get("num_samples"):
+            typical = min(max_len, max(1, int(index["duration"] / index["num_samples"] * self.sample_rate)))
+        b = BucketBatcher(self.batching.budget, self.batching.max_batch_size, self.batching.num_buckets, max_len)
+        bucket = min(len(b.capacity) - 1, max(0, math.ceil(typical / b.width) - 1))
+        return b.capacity[bucket]
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"no {split} data: set data.{split}_shards (and call setup())")
+        trainer = getattr(self, "trainer", None)
+        epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
+        return _EpochLoader(self.datasets[split], epoch_fn=epoch_fn, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False)
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val") if "val" in self.datasets else []
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    # ------------------------------------------------------------------ stats
+    def bad_input_summary(self, split: str | None = None) -> dict[str, int]:
+        """Counts by reason (see flexitrain.data.stats) on this rank, for one split or all."""
+        if split is not None:
+            ds = self.datasets.get(split)
+            return ds.stats.totals() if ds is not None else dict.fromkeys(REASONS, 0)
+        return merge(*(ds.stats.totals() for ds in self.datasets.values()))
+
+    def teardown(self, stage: str | None = None) -> None:
+        for split, ds in self.datasets.items():
+            rank_zero_info(f"[data] {split}: {format_summary(ds.stats.totals())}")
