@@ -25,6 +25,7 @@ demo: demo-corpus
 	$(PY) tools/bench_loader.py --shards $(DEMO_DIR)/train --seconds 10
 	$(PY) train.py recipe=codec_demo
 	$(PY) eval.py ckpt=runs/codec_demo/main/checkpoints/last.ckpt data=demo "num_quantizers=[1,null]" max_utterances=40 out_dir=$(DEMO_REPORT)
+	$(PY) tools/training_summary.py runs/codec_demo/main --append $(DEMO_REPORT)/report.md
 	@echo "demo report: $(DEMO_REPORT)/report.md"
 
 test: setup

@@ -1,0 +1,3 @@
+from flexitrain.callbacks.codec_eval import CodecEvalCallback
+
+__all__ = ["CodecEvalCallback"]
