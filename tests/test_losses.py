@@ -21,6 +21,7 @@ from flexitrain.losses import (
     repa_loss,
     resolve_loss_weights,
     semantic_distill_loss,
+    si_sdr,
 )
 
 # librosa 0.11.0: librosa.filters.mel(sr=16000, n_fft=32, n_mels=5).T  (Slaney scale + norm)
@@ -302,3 +303,19 @@ def test_weights_and_combine():
     assert mel.grad.item() == 15.0
     with pytest.raises(KeyError, match="no weight"):
         combine_losses({"sisdr": torch.tensor(1.0)}, weights)
+
+
+def test_si_sdr_known_value_scale_invariance_and_padding():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1, 8000, generator=g)
+    s = s - s.mean()
+    n = torch.randn(1, 8000, generator=g)
+    n = n - n.mean()
+    n = n - (n * s).sum() / (s * s).sum() * s  # orthogonal to s
+    n = n * (s.norm() / n.norm()) * 0.1  # 20 dB below
+    assert si_sdr(s + n, s).item() == pytest.approx(20.0, abs=1e-3)
+    assert si_sdr(3.0 * (s + n), s).item() == pytest.approx(20.0, abs=1e-3)
+    padded_pred = torch.nn.functional.pad(s + n, (0, 500), value=1.0)  # junk in the padding
+    padded_tgt = torch.nn.functional.pad(s, (0, 500))
+    assert si_sdr(padded_pred, padded_tgt, torch.tensor([8000])).item() == pytest.approx(20.0, abs=1e-3)
+    assert si_sdr(padded_pred, padded_tgt).item() < 19.0

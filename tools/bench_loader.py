@@ -93,6 +93,14 @@ def synthesize(folder: Path, count: int, per_shard: int = 500, sr: int = 16000, 
     print(f"wrote {done} utterances ({index['duration'] / done:.2f} s mean) in {len(shards)} shards to {folder}")
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the DataLoader workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bench(args) -> dict:
     from flexitrain.data.datamodule import AudioDataModule
     from flexitrain.data.stats import format_summary
@@ -106,9 +114,10 @@ def bench(args) -> dict:
     setup_s = time.perf_counter() - t0
     loader = dm.train_dataloader() if args.mode == "train" else dm.val_dataloader()
     utts = samples = batches = 0
+    load = os.getloadavg()[0]
     it = iter(loader)
     first = next(it)  # worker start-up is not throughput
-    start = time.perf_counter()
+    cpu0, start = _cpu(), time.perf_counter()
     for batch in it:
         utts += len(batch["keys"])
         samples += int(batch["lengths"].sum())
@@ -116,11 +125,16 @@ def bench(args) -> dict:
         if time.perf_counter() - start >= args.seconds:
             break
     wall = time.perf_counter() - start
-    del it
+    del it, batch  # stops the workers, so their CPU time is counted
+    cpu = _cpu() - cpu0
     res = {"mode": args.mode, "workers": args.workers, "wall_s": round(wall, 2), "batches": batches,
            "utterances_per_s": round(utts / wall, 1), "audio_seconds_per_s": round(samples / args.sample_rate / wall, 1),
            "mean_batch_size": round(utts / max(batches, 1), 2), "batch_shape": list(first["audio"].shape),
-           "setup_s": round(setup_s, 2)}
+           "setup_s": round(setup_s, 2), "cpu_s": round(cpu, 2),
+           "cpu_us_per_utterance": round(cpu / max(utts, 1) * 1e6, 1),
+           # what 2 otherwise idle cores would give if the loader is CPU bound (this machine may be shared)
+           "projected_utterances_per_s_2_idle_cores": round(2 * utts / max(cpu, 1e-9), 1),
+           "load_average_before": round(load, 2)}
     print(json.dumps(res))
     split = "train" if args.mode == "train" else "val"
     print(f"[data] {split}: {format_summary(dm.bad_input_summary(split))}")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 __all__ = ["kaldi_fbank", "kaldi_mel_banks", "kaldi_window", "num_frames", "window_size_for"]
 
 _EPS = torch.finfo(torch.float32).eps
+_CPU_BLOCK_ROWS = 512  # frames per block on CPU: ~1 MB per float32 FFT buffer
 
 
 def _mel(freq):
@@ -87,7 +88,7 @@ def num_frames(lengths: torch.Tensor, window_size: int, window_shift: int) -> to
 
 
 def _fbank_frames(frames: torch.Tensor, window_type: str, dither: float, preemph: float, num_mel_bins: int,
-                  sample_rate: float, low_freq: float, high_freq: float) -> torch.Tensor:
+                  sample_rate: float, low_freq: float, high_freq: float, energy_scale: float = 1.0) -> torch.Tensor:
     """frames ``[..., W]`` -> log-mel ``[..., num_mel_bins]`` (the per-frame part of kaldi.fbank).
 
     Same float32 operations, in the same order, as the reference (|X|^2 is re^2 + im^2 instead of
@@ -108,8 +109,8 @@ def _fbank_frames(frames: torch.Tensor, window_type: str, dither: float, preemph
     z *= kaldi_window(window_type, size, frames.device, frames.dtype)
     spec = torch.fft.rfft(buf)
     power = torch.addcmul(spec.real * spec.real, spec.imag, spec.imag)  # |X|^2
-    banks = kaldi_mel_banks(num_mel_bins, n_fft, sample_rate, low_freq, high_freq).to(frames.device, frames.dtype)
-    return (power @ banks.T).clamp_(min=_EPS).log_()
+    banks = kaldi_mel_banks(num_mel_bins, n_fft, sample_rate, low_freq, high_freq) * energy_scale  # exact for 2^k
+    return (power @ banks.T.to(frames.device, frames.dtype)).clamp_(min=_EPS).log_()
 
 
 def kaldi_fbank(
@@ -126,6 +127,7 @@ def kaldi_fbank(
     low_freq: float = 20.0,
     high_freq: float = 0.0,
     shrink_short: bool = True,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kaldi log-mel fbank of a padded batch.
 
@@ -134,9 +136,11 @@ def kaldi_fbank(
         lengths: ``[B]`` valid samples per item (default: all ``N``).
         shrink_short: items shorter than one frame get one frame of their own length (FunASR behaviour);
             otherwise they are an error.
+        scale: the waveform is taken as ``wav * scale`` (FunASR: 32768). A power of two is applied exactly as
+            ``scale**2`` on the mel filters instead of a pass over the samples; ``dither`` is in scaled units.
     Returns:
-        ``(fbank [B, F_max, num_mel_bins], frame_lengths [B])``; frames at or beyond an item's
-        ``frame_lengths`` are zero.
+        ``(fbank [B, F, num_mel_bins], frame_lengths [B])`` with ``F = 1 + (N - W) // shift`` for the padded
+        width ``N`` (at least 1); frames at or beyond an item's ``frame_lengths`` are zero.
     """
     if wav.dim() == 1:
         wav = wav.unsqueeze(0)
@@ -154,17 +158,30 @@ def kaldi_fbank(
     if min(lengths_list, default=1) < 2 or max(lengths_list, default=0) > n:
         raise ValueError(f"every length must be in [2, {n}] samples, got {lengths_list}")
 
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if math.frexp(scale)[0] != 0.5:  # not a power of two: scaling would not commute exactly with the ops
+        wav, scale = wav * scale, 1.0
     shift = int(sample_rate * frame_shift_ms * 0.001)
     size = int(sample_rate * frame_length_ms * 0.001)
-    opts = dict(window_type=window_type, dither=dither, preemph=preemphasis, num_mel_bins=num_mel_bins,
-                sample_rate=sample_rate, low_freq=low_freq, high_freq=high_freq)
+    opts = dict(window_type=window_type, dither=dither / scale, preemph=preemphasis, num_mel_bins=num_mel_bins,
+                sample_rate=sample_rate, low_freq=low_freq, high_freq=high_freq, energy_scale=scale * scale)
     frame_lengths = num_frames(lengths, size, shift)
-    max_frames = max(int(frame_lengths.max()), 1)
+    max_frames = 1 + (n - size) // shift if n >= size else 1  # from the padded width: shape follows wav.shape
     if n >= size:
         frames = wav.unfold(-1, size, shift)[:, :max_frames]  # [B, F, W] view; snip_edges
-        out = _fbank_frames(frames, **opts)
-        valid = torch.arange(max_frames, device=wav.device)[None, :] < frame_lengths[:, None]
-        out.masked_fill_(~valid[..., None], 0.0)
+        # On CPU, blocks of ~_CPU_BLOCK_ROWS frames keep the FFT buffers in cache and reuse the allocator's
+        # memory (2x faster than one pass over a 20 MB batch); on GPUs one block does it all.
+        step = max(1, _CPU_BLOCK_ROWS // batch) if wav.device.type == "cpu" else max_frames
+        if step >= max_frames:
+            out = _fbank_frames(frames, **opts)
+        else:
+            out = wav.new_empty(batch, max_frames, num_mel_bins)
+            for f0 in range(0, max_frames, step):
+                out[:, f0 : f0 + step] = _fbank_frames(frames[:, f0 : f0 + step], **opts)
+        if min(lengths_list) < n:  # zero the frames past each item's end
+            valid = torch.arange(max_frames, device=wav.device)[None, :] < frame_lengths[:, None]
+            out.masked_fill_(~valid[..., None], 0.0)
     else:
         out = wav.new_zeros(batch, max_frames, num_mel_bins)
 

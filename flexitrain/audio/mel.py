@@ -103,7 +103,7 @@ def reflect_pad_by_length(audio: Tensor, lengths: Tensor, pad: int) -> Tensor:
     src = torch.where(pos >= length, 2 * length - 2 - pos, src)  # right reflection at the item's end
     valid = (src >= 0) & (src < length) & (pos < length + pad)
     gathered = torch.gather(audio, 1, src.clamp(0, time - 1).expand(batch, -1))
-    return gathered * valid.to(audio.dtype)
+    return torch.where(valid, gathered, torch.zeros((), dtype=audio.dtype, device=device))  # NaN-safe
 
 
 def frame_lengths(lengths: Tensor, hop_length: int) -> Tensor:
@@ -126,7 +126,7 @@ def stft_magnitude(
     power: float = 1.0,
 ) -> Tensor:
     """Centred (reflect) STFT magnitude ``|X|**power`` of shape ``[B, n_fft//2 + 1, 1 + T//hop]``."""
-    audio = _as_batch_time(audio)
+    audio = _as_batch_time(audio).float()  # FFTs need fp32 (no bf16 kernels); precision matters here
     pad = n_fft // 2
     if lengths is None:
         if audio.shape[-1] <= pad:
@@ -181,9 +181,9 @@ class MelSpectrogram(nn.Module):
         return frame_lengths(lengths, self.hop_length)
 
     def forward(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
-        window = self.window.to(audio.dtype)
-        mag = stft_magnitude(audio, self.n_fft, self.hop_length, window, lengths, self.power)
-        mel = torch.matmul(self.mel_fb.to(mag.dtype), mag)
+        with torch.autocast(audio.device.type, enabled=False):  # keep the projection in fp32
+            mag = stft_magnitude(audio, self.n_fft, self.hop_length, self.window.float(), lengths, self.power)
+            mel = torch.matmul(self.mel_fb.float(), mag)
         if self.log:
             mel = mel.clamp(min=self.clamp_eps).log10()
         return mel

@@ -25,23 +25,54 @@ def _text(meta: dict, name: str) -> str:
     return "" if value is None else str(value)
 
 
-def collate(items: list[Item]) -> dict:
-    """-> {"audio": float32 [B,1,T], "lengths": int64 [B], "mask": bool [B,1,T], "offsets": float32 [B],
-    "keys"/"texts"/"speakers"/"languages": list[str]} (zero padding at the end)."""
-    lengths = torch.tensor([it.audio.shape[0] for it in items], dtype=torch.int64)
-    audio = torch.zeros(len(items), 1, int(lengths.max()), dtype=torch.float32)
-    for row, it in zip(audio, items):
-        row[0, : it.audio.shape[0]] = torch.from_numpy(it.audio)
+def _shared_zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor allocated in shared memory: sending it from a DataLoader worker to the main
+    process then costs no extra copy (torch would otherwise copy every batch into shared memory)."""
+    n = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(max(n, 1) * 4)
+    t = torch.empty(0, dtype=torch.float32).set_(storage, 0, (n,))
+    return t.view(shape)  # fresh shared memory is zero-filled by the kernel
+
+
+def collate(items: list[Item], shared: bool | None = None) -> dict:
+    """-> {"audio": float32 [B,1,T] (zero padding at the end), "lengths": int64 [B], "offsets":
+    float32 [B] (crop start, seconds), "keys"/"texts"/"speakers"/"languages": list[str]}.
+    Filled through numpy: torch's intra-op thread pool makes small copies slow on a busy CPU."""
+    if shared is None:
+        shared = torch.utils.data.get_worker_info() is not None
+    lengths = np.fromiter((it.audio.shape[0] for it in items), dtype=np.int64, count=len(items))
+    shape = (len(items), 1, int(lengths.max()))
+    audio = _shared_zeros(shape) if shared else torch.from_numpy(np.zeros(shape, dtype=np.float32))
+    view = audio.numpy()
+    for i, it in enumerate(items):
+        view[i, 0, : it.audio.shape[0]] = it.audio
+    offsets = [it.offset for it in items]
     return {
         "audio": audio,
-        "lengths": lengths,
-        "mask": (torch.arange(audio.shape[-1]) < lengths[:, None]).unsqueeze(1),
-        "offsets": torch.tensor([it.offset for it in items], dtype=torch.float32),
+        # In a worker these stay lists: every tensor sent to the main process costs a shared-memory
+        # segment (~0.5 ms); AudioLoader/finalize_batch turn them into tensors there.
+        "lengths": lengths.tolist() if shared else torch.from_numpy(lengths),
+        "offsets": offsets if shared else torch.tensor(offsets, dtype=torch.float32),
         "keys": [it.key for it in items],
         "texts": [_text(it.meta, "text") for it in items],
         "speakers": [_text(it.meta, "speaker") for it in items],
         "languages": [_text(it.meta, "language") for it in items],
     }
+
+
+def finalize_batch(batch: dict) -> dict:
+    """Main-process half of `collate`: lengths/offsets lists -> int64/float32 tensors."""
+    if isinstance(batch.get("lengths"), list):
+        batch["lengths"] = torch.tensor(batch["lengths"], dtype=torch.int64)
+        batch["offsets"] = torch.tensor(batch["offsets"], dtype=torch.float32)
+    return batch
+
+
+def lengths_to_mask(lengths: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """bool [B, 1, T], True on valid samples (batches carry lengths only: a mask is cheap to make
+    on the device and would add a quarter to the bytes each batch moves between processes)."""
+    length = int(lengths.max()) if length is None else length
+    return (torch.arange(length, device=lengths.device) < lengths[:, None]).unsqueeze(1)
 
 
 class BucketBatcher:

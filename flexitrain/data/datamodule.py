@@ -1,7 +1,8 @@
 """LightningDataModule over WebDataset audio shards.
 
-Batches are dicts: audio float32 [B,1,T], lengths int64 [B] (valid samples), mask bool [B,1,T],
-offsets float32 [B] (crop start, seconds), keys/texts/speakers/languages list[str]; an
+Batches are dicts: audio float32 [B,1,T] (zero-padded), lengths int64 [B] (valid samples),
+offsets float32 [B] (crop start, seconds), keys/texts/speakers/languages list[str]
+(flexitrain.data.batching.lengths_to_mask makes the [B,1,T] mask); an
 evaluation batch that repeats another one only to even out DDP ranks has "duplicate": True.
 
 Epochs: with `epoch_samples`, training draws shards with replacement (resampled); without
@@ -22,26 +23,10 @@ from torch.utils.data import DataLoader
 
 from .batching import BucketBatcher
 from .decode import DecodeConfig
-from .pipeline import EvalAudioDataset, LoaderConfig, TrainAudioDataset, expand_shards, load_index
+from .pipeline import AudioLoader, EvalAudioDataset, LoaderConfig, TrainAudioDataset, expand_shards, load_index
 from .stats import REASONS, format_summary, merge
 
 log = logging.getLogger(__name__)
-
-
-class _EpochLoader(DataLoader):
-    """Sets the dataset's epoch before each pass so crops/shuffles differ per epoch; the
-    trainer's epoch is used when there is one, so a resumed run does not repeat epoch 0."""
-
-    def __init__(self, dataset, epoch_fn=None, **kw):
-        super().__init__(dataset, batch_size=None, **kw)
-        self._epoch_fn, self._passes = epoch_fn, 0
-
-    def __iter__(self):
-        if hasattr(self.dataset, "set_epoch"):
-            epoch = self._epoch_fn() if self._epoch_fn is not None else None
-            self.dataset.set_epoch(self._passes if epoch is None else epoch)
-        self._passes += 1
-        return super().__iter__()
 
 
 class AudioDataModule(pl.LightningDataModule):
@@ -157,7 +142,7 @@ class AudioDataModule(pl.LightningDataModule):
             raise RuntimeError(f"no {split} data: set data.{split}_shards (and call setup())")
         trainer = getattr(self, "trainer", None)
         epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
-        return _EpochLoader(self.datasets[split], epoch_fn=epoch_fn, num_workers=self.num_workers,
+        return AudioLoader(self.datasets[split], epoch_fn=epoch_fn, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False)
 
     def train_dataloader(self):

@@ -27,20 +27,21 @@ _PCM = {"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ALAW", "ULAW"}
 def _prefer_system_libsndfile() -> None:
     """The system libsndfile (1.2.0 on Debian/Ubuntu) decodes FLAC about 35% faster than the
     one bundled in the soundfile wheel; use it when present.  FLEXITRAIN_SNDFILE=bundled
-    keeps the wheel's library."""
+    keeps the wheel's library.  (Opened by full path: by soname, dlopen would return the
+    bundled copy that soundfile already loaded.)"""
     if os.environ.get("FLEXITRAIN_SNDFILE", "system") != "system":
         return
-    from ctypes.util import find_library
+    import glob
 
-    name = find_library("sndfile")
-    if not name:
+    for path in sorted(glob.glob("/usr/lib*/*/libsndfile.so.1") + glob.glob("/lib*/*/libsndfile.so.1")
+                       + glob.glob("/usr/lib*/libsndfile.so.1")):
+        try:
+            lib = sf._ffi.dlopen(path)
+            lib.sf_version_string()
+        except (OSError, AttributeError):
+            continue
+        sf._snd = lib
         return
-    try:
-        lib = sf._ffi.dlopen(name)
-        lib.sf_version_string()
-    except (OSError, AttributeError):
-        return
-    sf._snd = lib
 
 
 _prefer_system_libsndfile()

@@ -20,17 +20,16 @@ import logging
 import math
 import os
 import re
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import braceexpand
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
-from .batching import BucketBatcher, Item, collate, plan_batches
+from .batching import BucketBatcher, Item, collate, finalize_batch, plan_batches
 from .decode import AUDIO_KEYS, DecodeConfig, decode_audio, parse_meta
 from .stats import DataStats, NullStats
 
@@ -109,10 +108,75 @@ def _split_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :].lower())
 
 
+class TarFormatError(Exception):
+    pass
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise TarFormatError(f"unexpected end of data ({len(data)} of {n} bytes)")
+    return data
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    field = field.strip(b" \0")
+    return int(field, 8) if field else 0
+
+
+def iter_tar_members(stream) -> Iterator[tuple[str, int]]:
+    """(name, size) of the regular files of an uncompressed tar stream.  A small reader instead of
+    `tarfile` (about 10x less overhead per member, which matters at thousands of samples/s);
+    handles ustar prefixes, GNU long names and pax paths; bad checksums raise TarFormatError.
+    After each (name, size) the caller must call read_member(stream, size)."""
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if len(header) == 0:
+            return
+        if len(header) < 512:
+            raise TarFormatError("unexpected end of data in a header")
+        if header.count(0) == 512:
+            return  # end-of-archive block
+        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise TarFormatError("invalid header checksum (not a tar file, or corrupt)")
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        if kind in (b"0", b"\0", b"7"):
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+            yield name, size  # the consumer reads the data (read_member) before the next header
+            continue
+        data = read_member(stream, size)
+        if kind == b"L":
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind == b"x":
+            for record in data.decode("utf-8", "replace").split("\n"):
+                _, _, kv = record.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[5:]
+            continue
+        long_name = None  # directories, links, global pax headers
+
+
+def read_member(stream, size: int) -> bytes:
+    data = _read_exact(stream, size)
+    if size % 512:
+        _read_exact(stream, 512 - size % 512)
+    return data
+
+
 def iter_shard(url: str, stats: DataStats) -> Iterator[dict]:
-    """Samples {"__key__", "__url__", ext: bytes} of one shard.  An unreadable or truncated tar
-    is counted (bad_shard), logged, and ends that shard only; a shard without samples is counted
-    as empty_shard."""
+    """Samples {"__key__", "__url__", ext: bytes} of one shard (consecutive members sharing a key).
+    An unreadable or truncated tar is counted (bad_shard), logged, and ends that shard only (the
+    sample being read is dropped); a readable shard without samples is counted as empty_shard."""
     stats.add("shards_read")
     count, current, broken = 0, None, False
     try:
@@ -122,40 +186,30 @@ def iter_shard(url: str, stats: DataStats) -> Iterator[dict]:
         log.warning("cannot open shard %s: %s", url, exn)
         return
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, ext = _split_name(info.name)
-                if key.rpartition("/")[2].startswith("__") or not ext:
-                    continue  # webdataset metadata members
-                if current is None or current["__key__"] != key:
-                    if current is not None:  # complete: yield it before a read can fail
-                        count += 1
-                        yield current
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = tar.extractfile(info).read()
-                tar.members = []  # stream mode keeps every TarInfo otherwise
-        if current is not None:
+        for name, size in iter_tar_members(stream):
+            key, ext = _split_name(name)
+            if current is None or current["__key__"] != key:
+                if current is not None and len(current) > 2:  # complete: hand it out before a read can fail
+                    count += 1
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            data = read_member(stream, size)
+            if ext and not key.rpartition("/")[2].startswith("__"):  # skip webdataset metadata members
+                current[ext] = data
+        if current is not None and len(current) > 2:
             count += 1
             yield current
-    except (tarfile.TarError, OSError, EOFError, ValueError, zlib_error()) as exn:
+    except (TarFormatError, OSError, ValueError) as exn:
         broken = True
-        stats.add("bad_shard")  # the sample being read when the tar broke is dropped
+        stats.add("bad_shard")
         log.warning("unreadable or truncated shard %s after %d samples: %s", url, count, exn)
     finally:
         try:
             stream.close()
-        except Exception:  # a pipe: that exited non-zero raises here; the shard is already counted
+        except Exception:  # a pipe: whose command failed raises here; the shard is already counted
             pass
     if count == 0 and not broken:
         stats.add("empty_shard")
-
-
-def zlib_error():
-    import zlib
-
-    return zlib.error
 
 
 def decode_sample(sample: dict, cfg: DecodeConfig, stats: DataStats, rng) -> Item | None:
@@ -188,6 +242,24 @@ class LoaderConfig:
     @property
     def budget(self) -> int:
         return max(1, int(round(self.batch_seconds * self.sample_rate)))
+
+
+# ----------------------------------------------------------------------------- loader
+class AudioLoader(DataLoader):
+    """DataLoader for the datasets below (they batch themselves): finishes each batch in the main
+    process (finalize_batch) and sets the dataset's epoch before each pass, from `epoch_fn` (e.g.
+    the trainer's epoch, so a resumed run does not replay epoch 0) or by counting passes."""
+
+    def __init__(self, dataset, epoch_fn=None, **kw):
+        super().__init__(dataset, batch_size=None, **kw)
+        self._epoch_fn, self._passes = epoch_fn, 0
+
+    def __iter__(self):
+        if hasattr(self.dataset, "set_epoch"):
+            epoch = self._epoch_fn() if self._epoch_fn is not None else None
+            self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        self._passes += 1
+        return map(finalize_batch, super().__iter__())
 
 
 # ----------------------------------------------------------------------------- training
@@ -351,15 +423,13 @@ class EvalAudioDataset(IterableDataset):
         self.batches = self._plan()  # this rank's batches: [(shard index, [keys])]
 
     def _plan(self) -> list[tuple[int, list[str]]]:
+        # Scan (read + decode) the shards in the DataLoader workers, then plan in shard order.
+        scan = _ShardScan(self.urls, self.decode, self.stats)
+        found = dict(DataLoader(scan, batch_size=None, num_workers=min(self.num_workers, len(self.urls))))
         plan: list[tuple[int, list[str]]] = []
         total_items = 0
-        for s, url in enumerate(self.urls):
-            keys, lengths = [], []
-            for sample in iter_shard(url, self.stats):
-                item = decode_sample(sample, self.decode, self.stats, None)
-                if item is not None:
-                    keys.append(item.key)
-                    lengths.append(item.audio.shape[0])
+        for s in range(len(self.urls)):
+            keys, lengths = found.get(s, ([], []))
             total_items += len(keys)
             for idx in plan_batches(lengths, self.batching.budget, self.batching.max_batch_size):
                 plan.append((s, [keys[i] for i in idx]))
@@ -405,6 +475,28 @@ class EvalAudioDataset(IterableDataset):
                 self.stats.flush()
                 yield batch
         self.stats.flush()
+
+
+class _ShardScan(IterableDataset):
+    """(shard index, (usable keys, lengths at the model rate)) per shard; shards dealt to workers."""
+
+    def __init__(self, urls: list[str], decode: DecodeConfig, stats: DataStats):
+        self.urls, self.decode, self.stats = urls, decode, stats
+
+    def __iter__(self):
+        wid, nw = _worker()
+        self.stats.start()
+        try:
+            for s in range(wid, len(self.urls), nw):
+                keys, lengths = [], []
+                for sample in iter_shard(self.urls[s], self.stats):
+                    item = decode_sample(sample, self.decode, self.stats, None)
+                    if item is not None:
+                        keys.append(item.key)
+                        lengths.append(item.audio.shape[0])
+                yield s, (keys, lengths)
+        finally:
+            self.stats.flush()
 
 
 def _equalize(plan: list[tuple[int, list[str]]], world: int) -> list[tuple[int, list[str], bool]]:

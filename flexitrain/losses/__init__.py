@@ -5,6 +5,7 @@ from flexitrain.losses.distill import group_mask, mean_pool_groups, semantic_dis
 from flexitrain.losses.masking import lengths_to_mask, masked_l1, masked_mean, masked_mse
 from flexitrain.losses.mel import MultiScaleMelLoss
 from flexitrain.losses.repa import build_repa_mlp, repa_loss
+from flexitrain.losses.sisdr import si_sdr
 from flexitrain.losses.weights import DEFAULT_LOSS_WEIGHTS, combine_losses, resolve_loss_weights
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "repa_loss",
     "resolve_loss_weights",
     "semantic_distill_loss",
+    "si_sdr",
 ]

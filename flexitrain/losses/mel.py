@@ -65,11 +65,15 @@ class MultiScaleMelLoss(nn.Module):
         # One STFT call for both signals per scale.
         both = torch.cat([pred, target], dim=0).float()
         both_lengths = None if lengths is None else torch.as_tensor(lengths, device=pred.device).repeat(2)
+        with torch.autocast(both.device.type, enabled=False):  # log-mels need fp32 under bf16-mixed
+            return self._sum_over_scales(both, both_lengths, batch)
+
+    def _sum_over_scales(self, both: Tensor, both_lengths: Tensor | None, batch: int) -> Tensor:
         loss = both.new_zeros(())
         for mel in self.mels:
             spec = mel(both, both_lengths)  # [2B, n_mels, frames]
             mask = None
-            if lengths is not None:
+            if both_lengths is not None:
                 mask = frame_mask(both_lengths[:batch], mel.hop_length, spec.shape[-1])
             x, y = spec[:batch], spec[batch:]
             if self.log_weight:

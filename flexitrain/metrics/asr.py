@@ -58,8 +58,6 @@ class FasterWhisperAsr(AsrModel):
     def __init__(self, path: str | None = None, device: str = "cpu", compute_type: str | None = None,
                  language: str | None = "en", beam_size: int = 5, cpu_threads: int | None = None,
                  key: str = "eval.asr.path") -> None:
-        force_offline()
-        fw = import_optional("faster_whisper", "faster-whisper", key.rsplit(".", 1)[0] + ".backend")
         if path is None:
             model_dir = bundled_whisper_path(key)
         else:
@@ -67,6 +65,8 @@ class FasterWhisperAsr(AsrModel):
             if not (model_dir / "model.bin").is_file():
                 raise FileNotFoundError(f"{key}={str(path)!r} has no model.bin; it must be a CTranslate2 "
                                         "Whisper directory (e.g. converted with ct2-transformers-converter)")
+        force_offline()
+        fw = import_optional("faster_whisper", "faster-whisper", key.rsplit(".", 1)[0] + ".backend")
         device = "cuda" if str(device).startswith("cuda") else "cpu"
         compute_type = compute_type or ("int8" if device == "cpu" else "float16")
         threads = cpu_threads if cpu_threads is not None else torch.get_num_threads()

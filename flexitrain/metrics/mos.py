@@ -66,6 +66,8 @@ class DnsMos(MosPredictor):
 
     def __init__(self, path: str | None = None, personalized: bool = False, fast: bool = False,
                  num_threads: int | None = None, key: str = "eval.mos.path") -> None:
+        local = None if path is None else require_local_path(
+            path, key, "dir", "Expected a directory with sig_bak_ovr.onnx and model_v8.onnx.")
         backend_key = key.rsplit(".", 1)[0] + ".backend"
         import_optional("onnxruntime", "onnxruntime", backend_key)
         import_optional("librosa", "librosa", backend_key)
@@ -74,12 +76,11 @@ class DnsMos(MosPredictor):
         import onnxruntime as ort
 
         root = os.path.dirname(os.path.abspath(dnsmos.__file__))
-        if path is None:
+        if local is None:
             primary = os.path.join(root, "pdnsmos_models" if personalized else "dnsmos_models", "sig_bak_ovr.onnx")
             p808 = os.path.join(root, "dnsmos_models", "model_v8.onnx")
         else:  # a directory holding sig_bak_ovr.onnx and model_v8.onnx
-            d = require_local_path(path, key, "dir", "Expected a directory with sig_bak_ovr.onnx and model_v8.onnx.")
-            primary, p808 = str(d / "sig_bak_ovr.onnx"), str(d / "model_v8.onnx")
+            primary, p808 = str(local / "sig_bak_ovr.onnx"), str(local / "model_v8.onnx")
         for f in (primary, p808):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"DNSMOS model {f} is missing; reinstall speechmos or fix {key}")

@@ -97,8 +97,9 @@ class BandSTFTDiscriminator(nn.Module):
         length = x.shape[-1]
         right_pad = -(-length // hop) * hop - length
         pad = (w - hop) // 2
-        x = F.pad(x, (pad, pad + right_pad), mode="reflect")[:, 0]
-        spec = torch.stft(x, w, hop, window=self.window.to(x.dtype), center=True, return_complex=True)
+        x = F.pad(x.float(), (pad, pad + right_pad), mode="reflect")[:, 0]  # FFT in fp32 (no bf16 FFT)
+        with torch.autocast(x.device.type, enabled=False):
+            spec = torch.stft(x, w, hop, window=self.window.float(), center=True, return_complex=True)
         spec = spec[..., 2:-2]  # frames added by the padding: now frames * hop == padded length
         return torch.view_as_real(spec).permute(0, 3, 2, 1)  # [B, F, T, 2] -> [B, 2, T, F]
 

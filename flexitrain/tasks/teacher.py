@@ -20,7 +20,7 @@ def build_teacher(cfg: dict) -> SenseVoiceTeacher:
     cfg = dict(cfg or {})
     dither = float(cfg.get("dither", 0.0))
     if cfg.get("model_dir"):
-        return SenseVoiceTeacher.from_pretrained(cfg["model_dir"], dither=dither)
+        return SenseVoiceTeacher.from_pretrained(cfg["model_dir"], dither=dither, config_key="task.teacher.model_dir")
     if not cfg.get("random_init"):
         raise ValueError("task.teacher.model_dir is not set: point it (or SENSEVOICE_DIR) at a local SenseVoiceSmall "
                          "directory (config.yaml, model.pt, am.mvn), or set task.teacher.random_init=true for a "

@@ -42,14 +42,17 @@ def to_float32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
-                     ignore: Iterable[str] = DEFAULT_IGNORE) -> dict[str, torch.Tensor]:
+                     ignore: Iterable[str] = DEFAULT_IGNORE,
+                     allow_missing: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Return the entries of ``state`` to load; raise :class:`CheckpointMismatchError` listing
     every missing, unexpected and mis-shaped key. ``ignore`` patterns (fnmatch) are skipped on
-    both sides (e.g. a teacher the model holds but the file does not)."""
-    ignore = tuple(ignore)
+    both sides (e.g. a teacher the model holds but the file does not); model keys matching
+    ``allow_missing`` may be absent from the file (they keep their init, e.g. new modules when a
+    fixed-rate stage-1 checkpoint initialises the flexible model)."""
+    ignore, allow_missing = tuple(ignore), tuple(allow_missing)
     expected = {k: v for k, v in model.state_dict().items() if not _ignored(k, ignore)}
     given = {k: v for k, v in state.items() if not _ignored(k, ignore)}
-    missing = sorted(set(expected) - set(given))
+    missing = sorted(k for k in set(expected) - set(given) if not _ignored(k, allow_missing))
     unexpected = sorted(set(given) - set(expected))
     mismatched = sorted(f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
                         for k in set(given) & set(expected) if tuple(given[k].shape) != tuple(expected[k].shape))
@@ -59,9 +62,13 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
 
 
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor],
-                           ignore: Iterable[str] = DEFAULT_IGNORE) -> None:
-    """Load (after fp16→fp32) with strict key/shape checking except the ``ignore`` patterns."""
-    given = check_state_dict(model, to_float32(state), ignore)
+                           ignore: Iterable[str] = DEFAULT_IGNORE, allow_missing: Iterable[str] = (),
+                           strip_prefix: str = "") -> None:
+    """Load (after fp16→fp32) with strict key/shape checking except the ``ignore`` /
+    ``allow_missing`` patterns. ``strip_prefix`` removes e.g. ``module.`` from file keys."""
+    if strip_prefix:
+        state = {(k[len(strip_prefix):] if k.startswith(strip_prefix) else k): v for k, v in state.items()}
+    given = check_state_dict(model, to_float32(state), ignore, allow_missing)
     model.load_state_dict(given, strict=False)  # strictness already enforced above
 
 
@@ -99,10 +106,12 @@ def load_pretrained(path: str | Path, semantic_teacher: nn.Module | None = None,
 
 
 def import_official(weights: str | Path, config: dict, out_dir: str | Path,
-                    extra_ignore: Iterable[str] = ()) -> Path:
+                    extra_ignore: Iterable[str] = (), allow_missing: Iterable[str] = (),
+                    strip_prefix: str = "") -> Path:
     """Official safetensors (+ its config dict) → flexitrain checkpoint directory.
 
-    fp16 → fp32; keys checked strictly except ``DEFAULT_IGNORE`` + ``extra_ignore``.
+    fp16 → fp32; keys checked strictly except ``DEFAULT_IGNORE`` + ``extra_ignore`` (and
+    ``allow_missing`` model keys, which keep their init).
     """
     from safetensors.torch import load_file
 
@@ -112,5 +121,6 @@ def import_official(weights: str | Path, config: dict, out_dir: str | Path,
     config = check_config(config)
     with torch.device("cpu"):
         model = FlexiCodec(**config)
-    load_state_dict_strict(model, load_file(str(weights)), ignore=DEFAULT_IGNORE + tuple(extra_ignore))
+    load_state_dict_strict(model, load_file(str(weights)), ignore=DEFAULT_IGNORE + tuple(extra_ignore),
+                           allow_missing=allow_missing, strip_prefix=strip_prefix)
     return save_pretrained(model, out_dir)

@@ -324,6 +324,8 @@ class FlexiCodec(nn.Module):
             sem = downsample_features(semantic, f)
             acoustic = self.dac.encoder(self.dac.pad_to_hop(audio))
             T = min(acoustic.shape[-1], sem.shape[-1])
+            if T == 0:
+                raise ValueError("input too short: no 12.5 Hz frame after downsampling the semantic features")
             frame_lengths = None if semantic_lengths is None else downsample_lengths(semantic_lengths, f)
             return acoustic[..., :T], sem[..., :T], frame_lengths
 
@@ -342,6 +344,8 @@ class FlexiCodec(nn.Module):
             acoustic = self.dac.encoder(audio)
         sem, sem_len = downsample_features_per_item(semantic, semantic_lengths, f)
         T = min(acoustic.shape[-1], sem.shape[-1])
+        if T == 0 or bool((sem_len == 0).any()):
+            raise ValueError("input too short: no 12.5 Hz frame after downsampling the semantic features")
         frame_lengths = torch.minimum(torch.minimum(padded_lengths // hop, sem_len), torch.tensor(T, device=device))
         keep = (torch.arange(T, device=device) < frame_lengths.unsqueeze(1)).unsqueeze(1)
         return acoustic[..., :T] * keep, sem[..., :T] * keep, frame_lengths
@@ -382,14 +386,26 @@ class FlexiCodec(nn.Module):
             else quantized
         return codes, quantized, decoded
 
+    def bottleneck(self, latent: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Bottleneck transformer over 12.5 Hz frames (identity for fixed-rate models)."""
+        if not self.use_similarity_alignment:
+            return latent  # official stage-1 path decodes without the bottleneck
+        if isinstance(self.bottleneck_transformer, ProjectedTransformer):
+            return self.bottleneck_transformer(latent, frame_lengths)
+        return self.bottleneck_transformer(latent)
+
+    def dac_decode(self, latent: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """DAC decoder ``[B, latent, T]`` → ``[B, 1, hop·T - δ]``; with ``frame_lengths`` each item
+        is decoded as if alone (masked convs, zero past its own output length)."""
+        audio = self.dac.decoder(latent, frame_lengths)
+        if frame_lengths is not None:
+            valid = frame_lengths * self.hop_length + (audio.shape[-1] - self.hop_length * latent.shape[-1])
+            audio = audio * (torch.arange(audio.shape[-1], device=audio.device) < valid.unsqueeze(1)).unsqueeze(1)
+        return audio
+
     def decode_latent(self, latent: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """12.5 Hz latent ``[B, latent, T]`` → bottleneck → DAC decoder → ``[B, 1, hop·T - δ]``."""
-        if self.use_similarity_alignment:
-            if isinstance(self.bottleneck_transformer, ProjectedTransformer):
-                latent = self.bottleneck_transformer(latent, frame_lengths)
-            else:
-                latent = self.bottleneck_transformer(latent)
-        return self.dac.decoder(latent, frame_lengths)
+        return self.dac_decode(self.bottleneck(latent, frame_lengths), frame_lengths)
 
     # ------------------------------------------------------------------ inference API
     @torch.no_grad()
@@ -543,13 +559,8 @@ class FlexiCodec(nn.Module):
         frame_mask = torch.ones(B, T, dtype=torch.bool, device=device) if frame_lengths is None else \
             torch.arange(T, device=device) < frame_lengths.unsqueeze(1)
         ragged = use_padding_mask and frame_lengths is not None and bool((frame_lengths != T).any())
-        if self.use_similarity_alignment and isinstance(self.bottleneck_transformer, ProjectedTransformer):
-            bottleneck = self.bottleneck_transformer(latent, frame_lengths if ragged else None)
-        elif self.use_similarity_alignment:
-            bottleneck = self.bottleneck_transformer(latent)
-        else:
-            bottleneck = latent
-        out = self.dac.decoder(bottleneck, frame_lengths if ragged else None)
+        bottleneck = self.bottleneck(latent, frame_lengths if ragged else None)
+        out = self.dac_decode(bottleneck, frame_lengths if ragged else None)
         out = F.pad(out, (0, max(0, N - out.shape[-1])))[..., :N]
         if lengths is not None and use_padding_mask:
             out = out * (torch.arange(N, device=device) < lengths.unsqueeze(1)).unsqueeze(1)

@@ -31,7 +31,16 @@ class _WeightNormMixin:
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+        v, g = self.weight_v, self.weight_g
+        if torch.is_grad_enabled() or torch.jit.is_scripting():
+            return torch._weight_norm(v, g, 0)
+        # Inference: reuse the folded weight until a parameter changes (in-place updates bump _version).
+        key = (v._version, g._version, v.data_ptr(), g.data_ptr(), v.device, v.dtype)
+        cache = self.__dict__.get("_folded")
+        if cache is None or cache[0] != key:
+            cache = (key, torch._weight_norm(v, g, 0))
+            self.__dict__["_folded"] = cache
+        return cache[1]
 
 
 class WNConv1d(_WeightNormMixin, nn.Module):

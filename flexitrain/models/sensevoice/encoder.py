@@ -110,9 +110,9 @@ class SANMEncoder(nn.Module):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.input_size, self.output_size = input_size, output_size
-        self.encoders0 = nn.ModuleList([SANMLayer(input_size, output_size, attention_heads, linear_units, kernel_size, sanm_shfit)])
-        self.encoders = nn.ModuleList(
-            [SANMLayer(output_size, output_size, attention_heads, linear_units, kernel_size, sanm_shfit) for _ in range(num_blocks - 1)])
+        layer_args = (attention_heads, linear_units, kernel_size, sanm_shfit)
+        self.encoders0 = nn.ModuleList([SANMLayer(input_size, output_size, *layer_args)])
+        self.encoders = nn.ModuleList([SANMLayer(output_size, output_size, *layer_args) for _ in range(num_blocks - 1)])
         self.after_norm = LayerNorm32(output_size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

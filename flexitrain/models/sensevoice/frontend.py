@@ -46,19 +46,24 @@ def apply_lfr(feats: torch.Tensor, lengths: torch.Tensor, lfr_m: int = 7, lfr_n:
 
     Output row j of item b is ``concat(feats[b, clamp(n*j - (m-1)//2 + k, 0, F_b - 1)] for k < m)``,
     i.e. FunASR ``apply_lfr``: left-pad with copies of frame 0, right-pad with the last valid frame.
-    Args: feats ``[B, F, D]``, lengths ``[B]`` valid frames. Returns ``([B, T, m*D], [B])`` with
-    ``T_b = ceil(F_b / n)``; rows at or beyond ``T_b`` are zero.
+    Args: feats ``[B, F, D]``, lengths ``[B]`` valid frames. Returns ``([B, ceil(F / n), m*D], [B])`` with
+    valid lengths ``T_b = ceil(F_b / n)``; rows at or beyond ``T_b`` repeat the last frame (callers mask them).
     """
     batch, _, dim = feats.shape
     out_lengths = torch.div(lengths + lfr_n - 1, lfr_n, rounding_mode="floor")
-    t_max = max(int(out_lengths.max()), 1) if batch else 1
+    t_max = max(-(-feats.shape[1] // lfr_n), 1)  # from the padded width (no host sync)
     dev = feats.device
     idx = (torch.arange(t_max, device=dev)[:, None] * lfr_n - (lfr_m - 1) // 2 + torch.arange(lfr_m, device=dev)[None, :])
     last = (lengths - 1).clamp(min=0).to(dev)
     idx = torch.minimum(idx.clamp(min=0)[None], last[:, None, None])  # [B, T, m]
-    stacked = torch.gather(feats, 1, idx.reshape(batch, -1, 1).expand(-1, -1, dim)).reshape(batch, t_max, lfr_m * dim)
-    valid = torch.arange(t_max, device=dev)[None, :] < out_lengths[:, None]
-    return stacked.masked_fill(~valid[..., None], 0.0), out_lengths
+    rows = (idx + torch.arange(batch, device=dev)[:, None, None] * feats.shape[1]).reshape(-1)
+    stacked = feats.reshape(-1, dim).index_select(0, rows).reshape(batch, t_max, lfr_m * dim)  # row copies
+    return stacked, out_lengths
+
+
+def _zero_past(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero rows ``t >= lengths[b]`` of ``x [B, T, D]`` in place."""
+    return x.masked_fill_((torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None])[..., None], 0.0)
 
 
 class SenseVoiceFrontend(nn.Module):
@@ -88,19 +93,18 @@ class SenseVoiceFrontend(nn.Module):
     def from_mvn(cls, am_mvn: str | Path, **kwargs) -> "SenseVoiceFrontend":
         return cls(*load_am_mvn(am_mvn), **kwargs)
 
-    def fbank(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fbank(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, N]`` in [-1, 1] -> Kaldi fbank ``[B, F, n_mels]`` (input scaled to int16 range first)."""
-        if self.upscale_samples:
-            wav = wav * (1 << 15)
         return kaldi_fbank(wav, lengths, sample_rate=self.fs, num_mel_bins=self.n_mels, frame_length_ms=self.frame_length,
-                           frame_shift_ms=self.frame_shift, window_type=self.window, dither=self.dither)
+                           frame_shift_ms=self.frame_shift, window_type=self.window, dither=self.dither,
+                           scale=float(1 << 15) if self.upscale_samples else 1.0)
 
     def lfr_cmvn(self, fbank: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, out_lengths = apply_lfr(fbank, lengths, self.lfr_m, self.lfr_n)
+        """LFR then CMVN (``(x + shift) * scale``, two roundings as FunASR); rows past each length are zero."""
+        x, out_lengths = apply_lfr(fbank, lengths.to(fbank.device), self.lfr_m, self.lfr_n)
         if self.cmvn_shift is not None:
-            valid = torch.arange(x.shape[1], device=x.device)[None, :] < out_lengths[:, None]
-            x = ((x + self.cmvn_shift) * self.cmvn_scale).masked_fill(~valid[..., None], 0.0)
-        return x, out_lengths
+            x.add_(self.cmvn_shift).mul_(self.cmvn_scale)
+        return _zero_past(x, out_lengths), out_lengths
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """wav ``[B, N]`` or ``[B, 1, N]`` float in [-1, 1]; lengths ``[B]`` (default full)."""

@@ -71,30 +71,33 @@ class SenseVoiceTeacher(nn.Module):
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, *, dither: float = 0.0, map_location="cpu") -> "SenseVoiceTeacher":
+    def from_pretrained(cls, model_dir: str | Path, *, dither: float = 0.0, map_location="cpu",
+                        config_key: str = CONFIG_KEY) -> "SenseVoiceTeacher":
         """Build from a local FunASR SenseVoiceSmall directory: ``config.yaml``, ``model.pt``
-        (or ``model.safetensors``) and ``am.mvn``. Nothing is downloaded."""
+        (or ``model.safetensors``) and ``am.mvn``. Nothing is downloaded. ``config_key`` is the config
+        entry named in error messages."""
         import yaml
 
         model_dir = Path(model_dir).expanduser()
         if not model_dir.is_dir():
-            raise FileNotFoundError(f"SenseVoiceSmall directory not found: {str(model_dir)!r}. Set `{CONFIG_KEY}` to a local "
+            raise FileNotFoundError(f"SenseVoiceSmall directory not found: {str(model_dir)!r}. Set `{config_key}` to a local "
                                     "copy of iic/SenseVoiceSmall (config.yaml, model.pt, am.mvn).")
         weights = next((model_dir / n for n in ("model.pt", "model.safetensors") if (model_dir / n).is_file()), None)
         needed = {"config.yaml": (model_dir / "config.yaml").is_file(), "am.mvn": (model_dir / "am.mvn").is_file(),
                   "model.pt": weights is not None}
         if not all(needed.values()):
             missing = [n for n, ok in needed.items() if not ok]
-            raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)} (set `{CONFIG_KEY}` to a SenseVoiceSmall directory)")
+            raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)} (set `{config_key}` to a SenseVoiceSmall directory)")
         config = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         if config.get("encoder", "SenseVoiceEncoderSmall") != "SenseVoiceEncoderSmall":
             raise ValueError(f"{model_dir}/config.yaml: encoder {config.get('encoder')!r} is not SenseVoiceEncoderSmall")
         model = cls(config.get("encoder_conf") or {}, config.get("frontend_conf") or {}, load_am_mvn(model_dir / "am.mvn"),
                     dither=dither, input_size=config.get("input_size"))
-        model.load_funasr_state_dict(_read_weights(weights, map_location), source=str(weights))
+        model.load_funasr_state_dict(_read_weights(weights, map_location), source=str(weights), config_key=config_key)
         return model
 
-    def load_funasr_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    def load_funasr_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+                               config_key: str = CONFIG_KEY) -> None:
         """Strictly load FunASR ``SenseVoiceSmall.state_dict()`` keys. Keys under ``UNUSED_KEY_PREFIXES``
         are dropped; any other missing, unexpected or mis-shaped key raises ``SenseVoiceLoadError``."""
         own = self.state_dict()
@@ -110,7 +113,7 @@ class SenseVoiceTeacher(nn.Module):
             for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
                 if keys:
                     parts.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
-            parts.append(f"  (ignored prefixes: {', '.join(UNUSED_KEY_PREFIXES)}; model dir config key: `{CONFIG_KEY}`)")
+            parts.append(f"  (ignored prefixes: {', '.join(UNUSED_KEY_PREFIXES)}; model dir config key: `{config_key}`)")
             raise SenseVoiceLoadError("\n".join(parts))
         self.load_state_dict({k: v.float() for k, v in used.items()}, strict=True)
 
@@ -143,7 +146,9 @@ class SenseVoiceTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``wav [B, 1, T] | [B, T]`` float in [-1, 1] at 16 kHz, ``lengths [B]`` samples (default full)
-        -> ``(semantic [B, 512, T_lfr], semantic_lengths [B])``, ``T_lfr = ceil((1 + (T-400)//160) / 6)``."""
+        -> ``(semantic [B, 512, T_lfr], semantic_lengths [B])``. ``T_lfr = ceil((1 + (T-400)//160) / 6)`` for the
+        padded width T (1 below 400 samples); item b is valid up to ``semantic_lengths[b]`` (same formula on
+        ``lengths[b]``) and zero after it."""
         with torch.autocast(device_type=wav.device.type, enabled=False):
             feats, feat_lengths = self.frontend(wav.float(), lengths)
         return self.encode_features(feats, feat_lengths)

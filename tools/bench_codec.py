@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Benchmark FlexiCodec encode + decode at the released dimensions (random weights).
+
+    python tools/bench_codec.py                      # batch 16 × 6 s, CPU fp32 (the issue's setting)
+    python tools/bench_codec.py --batch 2 --seconds 2 --repeats 1
+    python tools/bench_codec.py --device cuda --dtype bf16
+    python tools/bench_codec.py --official-src /path/to/FlexiCodec   # also time the official code
+
+Teacher (SenseVoice) features are given as input, τ = 0.91, 8 quantizers. RTF = wall time /
+audio duration (lower is faster). With ``--official-src`` (a checkout of amphionspace/FlexiCodec)
+the official ``FlexiCodec`` is built with the same config, loaded with the same weights, run on
+the same inputs, and the codes are compared; its missing heavy dependencies (funasr,
+transformers, audiotools, dac) are stubbed — the teacher is not run, so they are not needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flexitrain.models.codec import RELEASED_CONFIG, FlexiCodec  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def make_inputs(batch: int, seconds: float, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * 16000)
+    wav = torch.randn(batch, n, generator=g) * 0.1
+    t_lfr = -(-(1 + (n - 400) // 160) // 6)
+    # smooth random walk: neighbouring frames similar, so τ = 0.91 merges like speech does
+    sem = torch.cumsum(torch.randn(batch, 512, t_lfr, generator=g), dim=2)
+    sem = sem + 4.0 * torch.randn(batch, 512, 1, generator=g)
+    return wav, sem
+
+
+def install_stubs() -> None:
+    """Stand-ins for the official code's imports that the codec path does not use."""
+    import types
+
+    from torch import nn
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        sys.modules.setdefault(name, m)
+        return sys.modules[name]
+
+    class _Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(1))
+
+    class _AutoModel:
+        def __init__(self, *a, **k):
+            self.model = _Teacher()
+
+    module("funasr", AutoModel=_AutoModel)
+    module("transformers", Wav2Vec2BertModel=type("Wav2Vec2BertModel", (nn.Module,), {}))
+    module("audiotools", AudioSignal=object)
+    module("audiotools.ml", BaseModel=nn.Module)
+    try:
+        import easydict  # noqa: F401
+    except ImportError:
+        class EasyDict(dict):
+            __getattr__ = dict.__getitem__
+
+            def __setattr__(self, k, v):
+                self[k] = v
+        module("easydict", EasyDict=EasyDict)
+    try:
+        import dac.nn.layers  # noqa: F401
+    except ImportError:  # descript-audio-codec 1.0.0 dac/nn/layers.py behaviour
+        from torch.nn.utils import weight_norm
+
+        @torch.jit.script
+        def snake(x, alpha):
+            shape = x.shape
+            x = x.reshape(shape[0], shape[1], -1)
+            x = x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+            return x.reshape(shape)
+
+        class Snake1d(nn.Module):
+            def __init__(self, channels):
+                super().__init__()
+                self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+            def forward(self, x):
+                return snake(x, self.alpha)
+
+        module("dac")
+        module("dac.nn")
+        module("dac.nn.layers", WNConv1d=lambda *a, **k: weight_norm(nn.Conv1d(*a, **k)),
+               WNConvTranspose1d=lambda *a, **k: weight_norm(nn.ConvTranspose1d(*a, **k)), Snake1d=Snake1d)
+    try:
+        import torchaudio.functional.functional  # noqa: F401
+    except Exception:
+        module("torchaudio")
+        module("torchaudio.functional")
+        module("torchaudio.functional.functional", _hz_to_mel=None, _mel_to_hz=None)
+
+
+def build_official(src: Path, config: dict, state: dict):
+    install_stubs()
+    sys.path.insert(0, str(src))
+    import importlib
+    import os
+
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    mod = importlib.import_module("flexicodec.modeling_flexicodec")
+    model = mod.FlexiCodec(**{**config, "semantic_model_path": "unused"})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith("semantic_model.")]
+    if bad or unexpected:
+        raise RuntimeError(f"official model keys differ: missing {bad[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--threshold", type=float, default=0.91)
+    ap.add_argument("--num-quantizers", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N timed runs (after one warm-up)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (GPU)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--official-src", type=Path, help="checkout of amphionspace/FlexiCodec to compare against")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = FlexiCodec(**RELEASED_CONFIG).eval().to(args.device)
+    wav, sem = make_inputs(args.batch, args.seconds)
+    wav, sem = wav.to(args.device), sem.to(args.device)
+    audio_s = args.batch * args.seconds
+    amp = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def encode():
+        with amp:
+            return model.encode(wav, threshold=args.threshold, num_quantizers=args.num_quantizers,
+                                semantic_features=sem)
+
+    with torch.no_grad():
+        tokens = encode()  # warm-up
+
+        def decode():
+            with amp:
+                return model.decode_codes(tokens.semantic_codes, tokens.acoustic_codes, tokens.token_lengths)
+
+        decode()
+        t_enc, tokens = timed(encode, args.device, args.repeats)
+        t_dec, audio = timed(decode, args.device, args.repeats)
+    rate = float(tokens.frame_rate.mean())
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} batch={args.batch} "
+          f"seconds={args.seconds} tau={args.threshold} nq={args.num_quantizers} tokens/s={rate:.2f}")
+    print(f"flexitrain: encode {t_enc:.3f} s, decode {t_dec:.3f} s, total {t_enc + t_dec:.3f} s, "
+          f"RTF {(t_enc + t_dec) / audio_s:.4f} (encode {t_enc / audio_s:.4f}, decode {t_dec / audio_s:.4f})")
+
+    if args.official_src is not None:
+        official = build_official(args.official_src, RELEASED_CONFIG, model.codec_state_dict()).to(args.device)
+        x_wav = wav[:, None]
+
+        def off_encode():
+            return official.forward_features(x_wav, 16000, n_quantizers=args.num_quantizers, semantic_repr=sem,
+                                             alignment_hidden=sem, encode_only=True,
+                                             manual_threshold=args.threshold)
+
+        with torch.no_grad():
+            enc = off_encode()
+
+            def off_decode():
+                return official.decode_from_codes(enc.semantic_codes, enc.acoustic_codes, enc.token_lengths)
+
+            off_decode()
+            o_enc, enc = timed(off_encode, args.device, args.repeats)
+            o_dec, o_audio = timed(off_decode, args.device, args.repeats)
+        same = torch.equal(enc.token_lengths, tokens.token_lengths) and \
+            torch.equal(enc.semantic_codes[:, 0].long(), tokens.semantic_codes) and \
+            torch.equal(enc.acoustic_codes, tokens.acoustic_codes)
+        diff = float((o_audio - audio).abs().max()) if o_audio.shape == audio.shape else float("nan")
+        print(f"official:   encode {o_enc:.3f} s, decode {o_dec:.3f} s, total {o_enc + o_dec:.3f} s, "
+              f"RTF {(o_enc + o_dec) / audio_s:.4f}")
+        print(f"speed-up: encode {o_enc / t_enc:.2f}x, decode {o_dec / t_dec:.2f}x, "
+              f"total {(o_enc + o_dec) / (t_enc + t_dec):.2f}x; identical codes: {same}; max |Δaudio| {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
