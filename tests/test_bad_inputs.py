@@ -129,6 +129,16 @@ def test_unusable_data_is_a_clear_error_not_a_hang(tmp_path):
         next(iter(ds))
 
 
+def test_huge_members_are_skipped_unread(tmp_path, monkeypatch):
+    import flexitrain.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_MEMBER_BYTES", 20000)
+    write_shard(tmp_path / "h.tar", [good_sample("big", 2.0, 1), good_sample("small", 0.3, 2)])
+    ds = EvalAudioDataset([str(tmp_path / "h.tar")], DecodeConfig(), LoaderConfig())
+    assert [k for b in ds for k in b["keys"]] == ["small"]
+    assert ds.stats.totals()["too_long"] == 1
+
+
 def test_pipe_urls_are_read(tmp_path):
     write_shard(tmp_path / "p.tar", [good_sample("a", 1.0, 1), good_sample("b", 1.0, 2)])
     urls = expand_shards(f"pipe:cat {tmp_path}/p.tar")

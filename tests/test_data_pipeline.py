@@ -215,6 +215,42 @@ def test_datamodule_epoch_sizing_and_loaders(corpus):
     assert dm2.datasets["train"].resampled is False and len(dm2.datasets["train"]) == 2 * 3
 
 
+def test_lightning_fit_gets_batches_and_logs_data_stats(corpus, tmp_path):
+    import lightning.pytorch as pl
+
+    from flexitrain.data import DataStatsLogger
+
+    folder, keys = corpus
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(1, 1, 3, padding=1)
+            self.val_keys = []
+
+        def training_step(self, batch, i):
+            assert batch["audio"].dtype == torch.float32 and batch["audio"].shape[1] == 1
+            return self.conv(batch["audio"]).pow(2).mean()
+
+        def validation_step(self, batch, i):
+            self.val_keys += batch["keys"]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    dm = AudioDataModule(train_shards=str(folder), val_shards=str(folder), train_crop_seconds=1.0, batch_seconds=4.0,
+                         num_workers=0, epoch_samples=16)
+    model = Tiny()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[DataStatsLogger()], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2 * 4  # 16 utterances / batches of 4 per epoch
+    assert sorted(model.val_keys) == sorted(keys + keys)
+    assert float(trainer.callback_metrics["data/train/samples"]) == 32
+    assert float(trainer.callback_metrics["data/val/samples"]) == 2 * len(keys)
+
+
 DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist

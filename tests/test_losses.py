@@ -55,13 +55,12 @@ def np_mel_filters(sr, n_fft, n_mels, scale, norm):
 
     freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
     pts = mel2hz(np.linspace(hz2mel(0.0), hz2mel(sr / 2), n_mels + 2))
-    fb = np.zeros((n_freqs := len(freqs), n_mels))
+    fb = np.zeros((len(freqs), n_mels))
     for i in range(n_mels):
         lo, c, hi = pts[i : i + 3]
         fb[:, i] = np.maximum(0, np.minimum((freqs - lo) / (c - lo), (hi - freqs) / (hi - c)))
         if norm == "slaney":
             fb[:, i] *= 2.0 / (hi - lo)
-    assert n_freqs == n_fft // 2 + 1
     return fb
 
 

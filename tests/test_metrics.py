@@ -150,9 +150,19 @@ def test_mel_filterbank_matches_librosa(clean):
     librosa = pytest.importorskip("librosa")
     from flexitrain.metrics.quality import _mel_filterbank
 
-    ours = _mel_filterbank(SR, 1024, 80, 0.0, 8000.0).T.numpy()
+    ours = _mel_filterbank(SR, 1024, 80, 0.0, 8000.0).T
     ref = librosa.filters.mel(sr=SR, n_fft=1024, n_mels=80, fmin=0.0, fmax=8000.0, htk=True, norm=None)
     np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_log_mel_matches_torch_stft(clean):
+    from flexitrain.metrics.quality import _log_mel, _mel_filterbank
+
+    x = torch.from_numpy(clean)
+    spec = torch.stft(x, 1024, 256, window=torch.hann_window(1024, dtype=torch.float64), center=True,
+                      return_complex=True).abs() ** 2
+    ref = torch.log10((torch.from_numpy(_mel_filterbank(SR, 1024, 80, 0.0, 8000.0)).T @ spec).clamp_min(1e-5))
+    np.testing.assert_allclose(_log_mel(clean, SR, 1024, 256, 80, 0.0, 8000.0), ref.T.numpy(), atol=1e-9)
 
 
 def test_length_mismatch_trims_to_shorter(clean):

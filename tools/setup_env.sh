@@ -21,5 +21,7 @@ fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 echo "[setup] pip install $TORCH_PIN + flexitrain[dev,eval,cluster] into $VENV"
-"$PY" -m pip install -q --disable-pip-version-check "$TORCH_PIN" -e ".[dev,eval,cluster]"
+"$PY" -m pip install -q --disable-pip-version-check "$TORCH_PIN" -e ".[dev,eval,cluster,tts]"
+# openai-whisper's tokenizer assets (Whisper BPE for the TTS text front end); --no-deps skips its triton pin.
+"$PY" -m pip install -q --disable-pip-version-check --no-deps openai-whisper
 "$PY" -c "import torch, lightning, flexitrain; print('[setup] torch', torch.__version__, '| lightning', lightning.__version__)"

@@ -1,20 +1,43 @@
 """LightningDataModule over WebDataset audio shards.
 
+Shards: `<name>.tar` files whose samples hold `__key__`, one audio member (flac, wav, ogg, mp3)
+and optional `json` metadata ({"text", "speaker", "language", ...}).  `*_shards` take a brace
+pattern, a glob, a directory (all *.tar in it), `pipe:` URLs, or a list of these; a local spec
+that matches nothing is an error at setup().  An `index.json` beside the shards (written by
+tools/make_shards.py) sizes epochs.
+
 Batches are dicts: audio float32 [B,1,T] (zero-padded), lengths int64 [B] (valid samples),
 offsets float32 [B] (crop start, seconds), keys/texts/speakers/languages list[str]
-(flexitrain.data.batching.lengths_to_mask makes the [B,1,T] mask); an
-evaluation batch that repeats another one only to even out DDP ranks has "duplicate": True.
+(flexitrain.data.batching.lengths_to_mask makes the [B,1,T] mask).  B * T <= batch_seconds *
+sample_rate (a single longer item forms a batch alone), B <= max_batch_size.  Utterances
+shorter than the crop are kept and padded, never dropped.  texts are whole-utterance
+transcripts even when the audio is a crop.
 
-Epochs: with `epoch_samples`, training draws shards with replacement (resampled); without
-it the shards' index.json gives the epoch size and shards are dealt to ranks x workers and
-cycled.  Either way each rank gets the same number of batches per epoch (no DDP hang), about
-epoch_samples / batch size in total.  Without either, a single-process run makes one pass.
+Training: random crops of train_crop_seconds (None: whole utterances up to max_duration),
+seeded by seed/epoch/rank/worker; length-bucketed dynamic batches built in the workers.
+With `epoch_samples`, shards are drawn with replacement (resampled stream); without it the
+index.json gives the epoch size and shards are dealt to ranks x workers and cycled (with
+fewer shards than ranks x workers each worker reads all shards and keeps every n-th sample).
+Each worker yields ceil(epoch_samples / (world * workers * nominal batch size)) batches, so
+every DDP rank makes the same number of steps.  With neither, a single process makes one pass;
+several ranks then raise.
+
+Evaluation (val/test): deterministic crops of eval_crop_seconds from the start (None: whole
+utterances).  setup() scans the eval shards once (in parallel workers) and plans the batches;
+every usable utterance is seen exactly once over ranks x workers and every rank gets the same
+number of batches.  When that needs a repeat (fewer usable batches than ranks even after
+splitting), the repeated batch carries "duplicate": True and metrics should skip it.
+
+Bad input (see flexitrain.data.stats): skipped or repaired, counted by reason in shared memory
+(bad_input_summary(), DataStatsLogger for logged metrics); malformed JSON keeps the audio with
+empty metadata.  Clips over max_duration are skipped (long_clip_policy="skip") or cut to
+max_duration ("crop"); all-silent means peak |x| <= silence_threshold (of the crop read).
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -25,8 +48,6 @@ from .batching import BucketBatcher
 from .decode import DecodeConfig
 from .pipeline import AudioLoader, EvalAudioDataset, LoaderConfig, TrainAudioDataset, expand_shards, load_index
 from .stats import REASONS, format_summary, merge
-
-log = logging.getLogger(__name__)
 
 
 class AudioDataModule(pl.LightningDataModule):
@@ -73,6 +94,8 @@ class AudioDataModule(pl.LightningDataModule):
         self.train_decode = DecodeConfig(crop_samples=crop(train_crop_seconds), random_crop=True, **common)
         self.eval_decode = DecodeConfig(crop_samples=crop(eval_crop_seconds), random_crop=False, **common)
         self.datasets: dict[str, object] = {}
+        # Our datasets' __len__ is exact per rank (fixed batches per worker / planned eval batches).
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
     # ------------------------------------------------------------------ ranks
     def _dist(self) -> tuple[int, int]:

@@ -24,27 +24,33 @@ AUDIO_KEYS = ("flac", "wav", "ogg", "mp3", "opus")
 _PCM = {"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ALAW", "ULAW"}
 
 
-def _prefer_system_libsndfile() -> None:
-    """The system libsndfile (1.2.0 on Debian/Ubuntu) decodes FLAC about 35% faster than the
-    one bundled in the soundfile wheel; use it when present.  FLEXITRAIN_SNDFILE=bundled
-    keeps the wheel's library.  (Opened by full path: by soname, dlopen would return the
-    bundled copy that soundfile already loaded.)"""
+def _fast_soundfile():
+    """soundfile bound to the system libsndfile when there is one: it decodes FLAC about 35%
+    faster (Debian/Ubuntu 1.2.0) than the copy bundled in the soundfile wheel.  A private copy
+    of the module is used so that other soundfile users in the process keep the bundled library
+    (a SoundFile opened by one library must not be read through the other).
+    FLEXITRAIN_SNDFILE=bundled turns this off."""
     if os.environ.get("FLEXITRAIN_SNDFILE", "system") != "system":
-        return
+        return sf
     import glob
+    import importlib.util
 
     for path in sorted(glob.glob("/usr/lib*/*/libsndfile.so.1") + glob.glob("/lib*/*/libsndfile.so.1")
                        + glob.glob("/usr/lib*/libsndfile.so.1")):
         try:
-            lib = sf._ffi.dlopen(path)
+            lib = sf._ffi.dlopen(path)  # full path: by soname dlopen returns the bundled copy
             lib.sf_version_string()
-        except (OSError, AttributeError):
+            spec = importlib.util.spec_from_file_location("_flexitrain_soundfile", sf.__file__)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        except Exception:  # any failure: keep the ordinary module
             continue
-        sf._snd = lib
-        return
+        mod._snd = lib
+        return mod
+    return sf
 
 
-_prefer_system_libsndfile()
+_sf = _fast_soundfile()
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ def decode_audio(data: bytes, cfg: DecodeConfig, stats: DataStats, rng: np.rando
     """Decode, mix to mono, crop and resample.  Returns (float32 array, crop offset in seconds)
     or None when the sample must be skipped (the reason is counted)."""
     try:
-        f = sf.SoundFile(io.BytesIO(data))
+        f = _sf.SoundFile(io.BytesIO(data))
     except Exception:  # libsndfile raises several types (LibsndfileError, RuntimeError, TypeError)
         stats.add("corrupt_audio")
         return None

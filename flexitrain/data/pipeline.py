@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import braceexpand
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
@@ -173,6 +172,16 @@ def read_member(stream, size: int) -> bytes:
     return data
 
 
+def skip_member(stream, size: int) -> None:
+    left = size + (-size % 512)
+    while left:
+        left -= len(_read_exact(stream, min(left, 1 << 20)))
+
+
+# A member this large (e.g. hours of WAV) is not read into memory: its sample counts as too_long.
+MAX_MEMBER_BYTES = 1 << 28
+
+
 def iter_shard(url: str, stats: DataStats) -> Iterator[dict]:
     """Samples {"__key__", "__url__", ext: bytes} of one shard (consecutive members sharing a key).
     An unreadable or truncated tar is counted (bad_shard), logged, and ends that shard only (the
@@ -193,6 +202,10 @@ def iter_shard(url: str, stats: DataStats) -> Iterator[dict]:
                     count += 1
                     yield current
                 current = {"__key__": key, "__url__": url}
+            if size > MAX_MEMBER_BYTES:
+                skip_member(stream, size)
+                current["__oversize__"] = ext
+                continue
             data = read_member(stream, size)
             if ext and not key.rpartition("/")[2].startswith("__"):  # skip webdataset metadata members
                 current[ext] = data
@@ -218,7 +231,7 @@ def decode_sample(sample: dict, cfg: DecodeConfig, stats: DataStats, rng) -> Ite
         if data is not None:
             break
     else:
-        stats.add("missing_audio")
+        stats.add("too_long" if "__oversize__" in sample else "missing_audio")
         return None
     meta = parse_meta(sample.get("json"), stats)
     out = decode_audio(data, cfg, stats, rng)

@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from flexitrain.metrics.quality import QUALITY_METRICS, compute_quality
+from flexitrain.metrics.parallel import MetricPool, compute_quality_batch
+from flexitrain.metrics.quality import QUALITY_METRICS
 
 log = logging.getLogger(__name__)
-
-
-def _quality_job(args):
-    ref, deg, sr, names = args
-    return compute_quality(ref, deg, sr, names)
 
 
 @dataclass
@@ -28,7 +23,7 @@ class Scorers:
     speaker: Any = None
     mos: Any = None
     num_workers: int = 2
-    _pool: ProcessPoolExecutor | None = field(default=None, init=False, repr=False)
+    _pool: MetricPool | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: dict, sample_rate: int) -> "Scorers":
@@ -50,14 +45,11 @@ class Scorers:
                    int(cfg.get("num_workers", 2)))
 
     def quality_batch(self, refs: Sequence[np.ndarray], degs: Sequence[np.ndarray]) -> list[dict[str, float]]:
-        jobs = [(r, d, self.sample_rate, tuple(self.quality)) for r, d in zip(refs, degs)]
         if not self.quality:
-            return [{} for _ in jobs]
-        if self.num_workers <= 1 or len(jobs) <= 1:
-            return [_quality_job(j) for j in jobs]
+            return [{} for _ in refs]
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.num_workers)
-        return list(self._pool.map(_quality_job, jobs))
+            self._pool = MetricPool(self.num_workers)  # started once, reused for every batch
+        return compute_quality_batch(refs, degs, self.sample_rate, tuple(self.quality), pool=self._pool)
 
     def transcribe(self, wavs: Sequence[np.ndarray]) -> list[str] | None:
         return None if self.asr is None else self.asr.transcribe_batch(list(wavs), self.sample_rate)

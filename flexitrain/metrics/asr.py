@@ -99,7 +99,8 @@ class OpenAIWhisperAsr(AsrModel):
     def transcribe(self, wav, sample_rate: int) -> str:
         x = to_mono_16k(wav, sample_rate)
         out = self.model.transcribe(x, language=self.language, temperature=0.0, beam_size=self.beam_size,
-                                    condition_on_previous_text=False, fp16=self.fp16, verbose=None)
+                                    condition_on_previous_text=False, fp16=self.fp16, verbose=None,
+                                    without_timestamps=True)
         return out["text"].strip()
 
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
+import torch  # only to accept tensors as input
 
 __all__ = ["QUALITY_METRICS", "trim_to_shorter", "pesq_score", "stoi_score", "si_sdr",
            "mel_distance", "compute_quality", "summarize", "summarize_records"]
@@ -114,27 +114,31 @@ def si_sdr(reference, degraded, eps: float = 1e-12) -> float:
 
 
 @lru_cache(maxsize=8)
-def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
+def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> np.ndarray:
+    """Triangular HTK-mel filterbank ``[n_freqs, n_mels]``, no area norm (torchaudio's defaults)."""
     def hz_to_mel(f):
         return 2595.0 * math.log10(1.0 + f / 700.0)
 
-    mels = torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2, dtype=torch.float64)
+    mels = np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2)
     f_pts = 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
-    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
     slopes = f_pts[None, :] - freqs[:, None]
     f_diff = f_pts[1:] - f_pts[:-1]
     down, up = -slopes[:, :-2] / f_diff[:-1], slopes[:, 2:] / f_diff[1:]
-    return torch.clamp(torch.minimum(down, up), min=0.0)  # [n_freqs, n_mels]
+    return np.clip(np.minimum(down, up), 0.0, None)
 
 
-def _log_mel(x: np.ndarray, sample_rate, n_fft, hop, n_mels, f_min, f_max) -> torch.Tensor:
-    wav = torch.from_numpy(x)
-    if len(wav) < n_fft:  # reflect padding needs at least n_fft // 2 + 1 samples
-        wav = torch.nn.functional.pad(wav, (0, n_fft - len(wav)))
-    spec = torch.stft(wav, n_fft, hop, window=torch.hann_window(n_fft, dtype=torch.float64),
-                      center=True, return_complex=True).abs().pow(2)
-    mel = _mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max).T @ spec
-    return torch.log10(mel.clamp_min(1e-5))
+def _log_mel(x: np.ndarray, sample_rate, n_fft, hop, n_mels, f_min, f_max) -> np.ndarray:
+    # numpy (single-threaded FFT) rather than torch.stft: for clip-sized inputs torch's thread
+    # pool only adds overhead, badly so on a busy machine.
+    if len(x) < n_fft:  # reflect padding needs at least n_fft // 2 + 1 samples
+        x = np.pad(x, (0, n_fft - len(x)))
+    x = np.pad(x, (n_fft // 2, n_fft // 2), mode="reflect")  # centred frames, like torch.stft(center=True)
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # [frames, n_freqs]
+    mel = power @ _mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max)
+    return np.log10(np.maximum(mel, 1e-5))
 
 
 def mel_distance(reference, degraded, sample_rate: int, n_fft: int = 1024, hop_length: int = 256,
@@ -145,7 +149,7 @@ def mel_distance(reference, degraded, sample_rate: int, n_fft: int = 1024, hop_l
         return float("nan")
     f_max = float(sample_rate) / 2 if f_max is None else float(f_max)
     args = (sample_rate, n_fft, hop_length, n_mels, float(f_min), f_max)
-    return float((_log_mel(ref, *args) - _log_mel(deg, *args)).abs().mean())
+    return float(np.abs(_log_mel(ref, *args) - _log_mel(deg, *args)).mean())
 
 
 def compute_quality(reference, degraded, sample_rate: int,

@@ -5,7 +5,8 @@ Backends (config ``eval.speaker.backend``, weights at ``eval.speaker.path``):
 - ``resemblyzer`` (default): the GE2E VoiceEncoder whose weights ship inside the ``resemblyzer``
   wheel (256-d). ``path`` may point to another ``pretrained.pt`` of the same architecture.
   Audio goes through resemblyzer's ``preprocess_wav`` (volume normalisation, long-silence trimming).
-  Install pitfall: webrtcvad imports ``pkg_resources``, so keep ``setuptools<81``.
+  webrtcvad imports ``pkg_resources`` (gone in setuptools >= 81); a stand-in is provided for
+  that import, so any setuptools works.
 - ``wavlm``: a local Hugging Face directory of ``WavLMForXVector`` (e.g. a saved
   microsoft/wavlm-base-plus-sv), ``local_files_only=True``. Package: ``transformers``.
 - ``torchscript``: a TorchScript file mapping a 16 kHz waveform ``[1, T]`` to an embedding
@@ -17,6 +18,8 @@ WavLM-TDNN verifier, so numbers from different backends are not comparable with 
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -57,11 +60,29 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
+def _import_resemblyzer(key: str):
+    # resemblyzer -> webrtcvad does `import pkg_resources` only to read its own version, and
+    # setuptools >= 81 no longer ships pkg_resources. Provide a minimal stand-in for that import.
+    stub = None
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        from importlib import metadata
+
+        stub = sys.modules["pkg_resources"] = types.ModuleType("pkg_resources")
+        stub.get_distribution = lambda name: types.SimpleNamespace(version=metadata.version(name))
+    try:
+        return import_optional("resemblyzer", "resemblyzer", key)
+    finally:
+        if stub is not None and sys.modules.get("pkg_resources") is stub:
+            del sys.modules["pkg_resources"]
+
+
 class ResemblyzerEncoder(SpeakerEncoder):
     def __init__(self, path: str | None = None, device: str = "cpu", key: str = "eval.speaker.path") -> None:
         weights = None if path is None else require_local_path(path, key, "file",
                                                                "Expected a resemblyzer VoiceEncoder state file (.pt).")
-        rz = import_optional("resemblyzer", "resemblyzer", key.rsplit(".", 1)[0] + ".backend")
+        rz = _import_resemblyzer(key.rsplit(".", 1)[0] + ".backend")
         self._preprocess = rz.preprocess_wav
         self.encoder = rz.VoiceEncoder(device=device, verbose=False, weights_fpath=weights)
 

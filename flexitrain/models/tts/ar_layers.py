@@ -1,0 +1,199 @@
+"""Building blocks of the AR text-to-token model: causal pre-LN Transformer blocks with Transformer-XL
+relative positions (ESPnet "rel_pos_espnet"), written to match CosyVoice-1 / FlexiCodec-TTS numerics and
+parameter names (``self_attn.linear_q``, ``pos_bias_u``, ``feed_forward.w_1``, ...).
+
+Both encoders of the model are causal (the official ``static_chunk_size=1``), so only relative distances
+>= 0 are ever attended to; the position table is built for those alone, which halves the attention-bias
+memory of the official 2T-1 table without changing any unmasked score.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# One layer's key/value cache: (keys, values), each [B, heads, cached_len, d_head].
+LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def relative_position_table(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Sinusoid of the relative distances 0..length-1 -> [length, dim] (ESPnet's positive half)."""
+    position = torch.arange(length, dtype=torch.float32, device=device).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(position * div_term)
+    table[:, 1::2] = torch.cos(position * div_term)
+    return table.to(dtype) if dtype is not None else table
+
+
+class RelPositionMultiHeadedAttention(nn.Module):
+    """Multi-head self-attention with Transformer-XL relative positions (learned u/v biases)."""
+
+    def __init__(self, n_head: int, n_feat: int, dropout_rate: float):
+        super().__init__()
+        if n_feat % n_head:
+            raise ValueError(f"model dim {n_feat} is not divisible by {n_head} heads")
+        self.h, self.d_k = n_head, n_feat // n_head
+        self.linear_q = nn.Linear(n_feat, n_feat)
+        self.linear_k = nn.Linear(n_feat, n_feat)
+        self.linear_v = nn.Linear(n_feat, n_feat)
+        self.linear_out = nn.Linear(n_feat, n_feat)
+        self.dropout = nn.Dropout(dropout_rate)
+        self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.empty(self.h, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.empty(self.h, self.d_k))
+        nn.init.xavier_uniform_(self.pos_bias_u)
+        nn.init.xavier_uniform_(self.pos_bias_v)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, dk]
+        return x.view(x.size(0), x.size(1), self.h, self.d_k).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, LayerCache]:
+        """x [B, T1, D]; mask [B or 1, T1, T2] bool (True = may attend; T2 = cached + T1);
+        pos [T2, D] table of relative distances 0..T2-1 (already dropped out)."""
+        q = self._heads(self.linear_q(x))
+        k, v = self._heads(self.linear_k(x)), self._heads(self.linear_v(x))
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        t1, t2 = q.size(2), k.size(2)
+        p = self.linear_pos(pos).view(t2, self.h, self.d_k).transpose(0, 1)  # [H, T2, dk]
+        u = self.pos_bias_u.unsqueeze(1)  # [H, 1, dk]
+        matrix_ac = torch.matmul(q + u, k.transpose(-2, -1))
+        by_distance = torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))  # [B, H, T1, T2(dist)]
+        # score[i, j] reads distance (query position - key position); negative distances are masked anyway.
+        query_pos = torch.arange(t2 - t1, t2, device=x.device).unsqueeze(1)
+        distance = (query_pos - torch.arange(t2, device=x.device)).clamp(min=0)
+        matrix_bd = torch.gather(by_distance, 3, distance.expand(*by_distance.shape[:2], t1, t2))
+        scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        attn = self.dropout(torch.softmax(scores, dim=-1))
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(x.size(0), t1, self.h * self.d_k)
+        return self.linear_out(out), (k, v)
+
+
+class PositionwiseFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout_rate: float, activation: nn.Module):
+        super().__init__()
+        self.w_1 = nn.Linear(dim, hidden)
+        self.activation = activation
+        self.dropout = nn.Dropout(dropout_rate)
+        self.w_2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_2(self.dropout(self.activation(self.w_1(x))))
+
+
+class _PreLNBlock(nn.Module):
+    """x + att(norm(x)); x + ffn(norm(x)). Subclasses only name the two norms like the official classes."""
+
+    attn_norm: nn.LayerNorm
+    ff_norm: nn.LayerNorm
+
+    def __init__(self, dim: int, heads: int, ffn: int, activation: nn.Module, dropout_rate: float,
+                 attention_dropout_rate: float):
+        super().__init__()
+        self.self_attn = RelPositionMultiHeadedAttention(heads, dim, attention_dropout_rate)
+        self.feed_forward = PositionwiseFeedForward(dim, ffn, dropout_rate, activation)
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x, mask, pos, cache: LayerCache | None = None):
+        att, cache = self.self_attn(self.attn_norm(x), mask, pos, cache)
+        x = x + self.dropout(att)
+        x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
+        return x, cache
+
+
+class LMBlock(_PreLNBlock):
+    """CosyVoice ``TransformerEncoderLayer`` (norm1 before attention, norm2 before the FFN)."""
+
+    def __init__(self, dim, heads, ffn, activation, dropout_rate, attention_dropout_rate):
+        super().__init__(dim, heads, ffn, activation, dropout_rate, attention_dropout_rate)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+
+    @property
+    def attn_norm(self):
+        return self.norm1
+
+    @property
+    def ff_norm(self):
+        return self.norm2
+
+
+class TextEncoderBlock(_PreLNBlock):
+    """CosyVoice ``ConformerEncoderLayer`` with macaron and convolution off: the same pre-LN block whose
+    norms are called norm_mha / norm_ff."""
+
+    def __init__(self, dim, heads, ffn, activation, dropout_rate, attention_dropout_rate):
+        super().__init__(dim, heads, ffn, activation, dropout_rate, attention_dropout_rate)
+        self.norm_ff = nn.LayerNorm(dim, eps=1e-5)
+        self.norm_mha = nn.LayerNorm(dim, eps=1e-5)
+
+    @property
+    def attn_norm(self):
+        return self.norm_mha
+
+    @property
+    def ff_norm(self):
+        return self.norm_ff
+
+
+class CausalRelPosEncoder(nn.Module):
+    """Stack of causal pre-LN blocks: input scaled by sqrt(dim) (ESPnet positional module), blocks, after_norm.
+
+    ``forward`` runs padded batches with a causal + key-padding mask; ``forward_chunk`` appends new positions
+    to a key/value cache (incremental decoding) and gives the same numbers as a full forward.
+    """
+
+    def __init__(self, block: type[_PreLNBlock], dim: int, heads: int, ffn: int, num_blocks: int,
+                 activation: str, dropout_rate: float, positional_dropout_rate: float,
+                 attention_dropout_rate: float):
+        super().__init__()
+        act = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU, "gelu": nn.GELU}
+        if activation not in act:
+            raise ValueError(f"activation must be one of {sorted(act)}, got {activation!r}")
+        self.dim = dim
+        self.xscale = math.sqrt(dim)
+        self.pos_dropout = nn.Dropout(positional_dropout_rate)
+        self.encoders = nn.ModuleList(
+            block(dim, heads, ffn, act[activation](), dropout_rate, attention_dropout_rate)
+            for _ in range(num_blocks))
+        self.after_norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def _positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        return self.pos_dropout(relative_position_table(length, self.dim, like.device, like.dtype))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D], lengths [B] -> [B, T, D] (rows past each length are garbage, as in the original)."""
+        t = x.size(1)
+        steps = torch.arange(t, device=x.device)
+        mask = (steps.unsqueeze(1) >= steps) & (steps < lengths.to(x.device).unsqueeze(1)).unsqueeze(1)
+        x, pos = self.pos_dropout(x * self.xscale), self._positions(t, x)
+        for layer in self.encoders:
+            x, _ = layer(x, mask, pos)
+        return self.after_norm(x)
+
+    def forward_chunk(self, x: torch.Tensor, cache: list[LayerCache] | None = None
+                      ) -> tuple[torch.Tensor, list[LayerCache]]:
+        """x [B, T1, D] new positions after the cached ones (all valid) -> (output [B, T1, D], new cache)."""
+        cached = 0 if cache is None else cache[0][0].size(2)
+        t1, t2 = x.size(1), cached + x.size(1)
+        steps = torch.arange(t2, device=x.device)
+        mask = (steps[cached:].unsqueeze(1) >= steps).unsqueeze(0)
+        x, pos = self.pos_dropout(x * self.xscale), self._positions(t2, x)
+        new_cache = []
+        for i, layer in enumerate(self.encoders):
+            x, layer_cache = layer(x, mask, pos, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        return self.after_norm(x), new_cache
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, gamma: float = 2.0) -> torch.Tensor:
+    """Mean over targets of alpha * (1 - p_t)^gamma * CE (the official duration objective)."""
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    pt = torch.exp(-ce)
+    return (alpha * (1 - pt) ** gamma * ce).mean()

@@ -1,0 +1,154 @@
+"""VocosTask: GAN training of the 24 kHz Vocos vocoder on its own normalised 50 Hz mel (tts.md §2.8).
+
+One step (manual optimisation, as CodecTask): audio → 24 kHz (resampled if the data rate differs) →
+mel24k → Vocos → D step on the detached fake (multi-period + multi-resolution STFT discriminators) →
+G step on multi-scale mel L1 + LSGAN + feature matching. Padding is zeroed in both signals and masked
+in the mel loss. `trainer.global_step` counts generator updates.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from flexitrain.audio.mel24k import SAMPLE_RATE, mel24k
+from flexitrain.audio.resample import resample, resample_lengths
+from flexitrain.losses.adversarial import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from flexitrain.losses.masking import lengths_to_mask
+from flexitrain.losses.mel import MultiScaleMelLoss
+from flexitrain.losses.weights import combine_losses, resolve_loss_weights
+from flexitrain.models.discriminators import CodecDiscriminator
+from flexitrain.models.vocos import Vocos
+from flexitrain.tasks.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class VocosTask(L.LightningModule):
+    def __init__(self, model: dict, sample_rate: int = 16000, discriminator: dict | None = None,
+                 mel_loss: dict | None = None, loss_weights: dict | None = None, optimizer: dict | None = None,
+                 scheduler: dict | None = None, grad_clip: float | None = 1.0, disc_start_step: int = 0,
+                 validation: dict | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        model = _plain(model)
+        self.save_hyperparameters()
+        self.generator = instantiate(model) if "_target_" in model else Vocos(**model)
+        if self.generator.sample_rate != SAMPLE_RATE or self.generator.hop_size != 480:
+            raise ValueError("VocosTask trains the 24 kHz / hop-480 mel vocoder (the mel24k front end)")
+        self.discriminator = CodecDiscriminator(**(_plain(discriminator) or {}))
+        self.mel_loss = MultiScaleMelLoss(sample_rate=SAMPLE_RATE, **(_plain(mel_loss) or {}))
+        self.loss_weights = resolve_loss_weights({"mel": 15.0, "adv": 1.0, "feat": 2.0, **(_plain(loss_weights) or {})})
+        self.sample_rate = int(sample_rate)
+        self.optim_cfg = {"lr": 2e-4, "lr_d": 2e-4, "betas": (0.8, 0.9), "weight_decay": 0.0, **(_plain(optimizer) or {})}
+        self.sched_cfg = {"warmup_steps": 0, "total_steps": 1, "min_lr_ratio": 1.0, **(_plain(scheduler) or {})}
+        self.grad_clip = grad_clip
+        self.disc_start_step = int(disc_start_step)
+        self.val_cfg = {"num_audio_examples": 2, **(_plain(validation) or {})}
+
+    def configure_optimizers(self):
+        oc, sc = self.optim_cfg, self.sched_cfg
+        opt_g = torch.optim.AdamW(self.generator.parameters(), lr=oc["lr"], betas=tuple(oc["betas"]),
+                                  weight_decay=oc["weight_decay"])
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=oc["lr_d"], betas=tuple(oc["betas"]),
+                                  weight_decay=oc["weight_decay"])
+        lam = warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"])
+        return [opt_g, opt_d], [torch.optim.lr_scheduler.LambdaLR(opt_g, lam),
+                                torch.optim.lr_scheduler.LambdaLR(opt_d, lam)]
+
+    # ---------------------------------------------------------------- forward
+    def vocode(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """``(fake [B,1,N], real [B,1,N], lengths [B])`` at 24 kHz, N = frames·480, padding zeroed."""
+        audio, lengths = batch["audio"].float(), batch["lengths"].long()
+        if audio.dim() != 3 or audio.shape[1] != 1:
+            raise ValueError(f"batch['audio'] must be [B, 1, T], got {tuple(audio.shape)}")
+        if self.sample_rate != SAMPLE_RATE:
+            audio = resample(audio, self.sample_rate, SAMPLE_RATE, backend="torch")
+            lengths = resample_lengths(lengths, self.sample_rate, SAMPLE_RATE)
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            mel, _ = mel24k(audio[:, 0], SAMPLE_RATE)
+        fake = self.generator(mel)
+        n = fake.shape[-1]
+        lengths = lengths.clamp(max=n)
+        mask = lengths_to_mask(lengths, n)[:, None].to(fake.dtype)
+        return fake * mask, audio[..., :n] * mask, lengths
+
+    def _clip(self, params) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        gan_on = self.global_step >= self.disc_start_step
+        fake, real, lengths = self.vocode(batch)
+        bsz = fake.shape[0]
+        logs: dict[str, Tensor] = {}
+        if gan_on:
+            loss_d = discriminator_loss(self.discriminator(fake.detach()), self.discriminator(real))
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(loss_d)
+            logs["grad_norm_d"] = self._clip(self.discriminator.parameters())
+            if torch.isfinite(loss_d):
+                opt_d.optimizer.step()  # raw step: global_step counts generator updates only
+            sched_d.step()
+            logs["loss_d"] = loss_d.detach()
+        terms = {"mel": self.mel_loss(fake, real, lengths)}
+        if gan_on:
+            d_fake = self.discriminator(fake)
+            with torch.no_grad():
+                d_real = self.discriminator(real)
+            terms["adv"] = generator_adversarial_loss(d_fake)
+            terms["feat"] = feature_matching_loss(d_fake, d_real)
+        loss_g, term_logs = combine_losses(terms, self.loss_weights)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_d.zero_grad(set_to_none=True)  # generator-side gradients through D belong to no D update
+        logs["grad_norm_g"] = self._clip(self.generator.parameters())
+        if torch.isfinite(loss_g):
+            opt_g.step()
+        else:
+            log.warning("non-finite generator loss at step %d: update skipped", self.global_step)
+        sched_g.step()
+        logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bsz)
+        self.log("loss_mel", term_logs["mel"], prog_bar=True, logger=False, batch_size=bsz)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch.get("duplicate"):
+            return
+        fake, real, lengths = self.vocode(batch)
+        self.log("val/mel_distance", self.mel_loss(fake, real, lengths), batch_size=fake.shape[0],
+                 sync_dist=True, prog_bar=True)
+        k = int(self.val_cfg["num_audio_examples"])
+        if batch_idx == 0 and k > 0 and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                exp = getattr(logger, "experiment", None)
+                if hasattr(exp, "add_audio"):
+                    for i in range(min(k, fake.shape[0])):
+                        clip = fake[i, 0, : int(lengths[i])].float().clamp(-1, 1).cpu()
+                        exp.add_audio(f"val_audio/{i}", clip, self.global_step, sample_rate=SAMPLE_RATE)
+
+    def init_from(self, path: str) -> None:
+        """Initialise the generator from a released ``.safetensors`` / exported directory, or the whole task
+        from a Lightning checkpoint (strict)."""
+        from pathlib import Path
+
+        from flexitrain.tasks.checkpointing import load_weights_strict
+
+        p = Path(path)
+        if p.is_dir() or p.suffix == ".safetensors":
+            self.generator.load_state_dict(Vocos.from_pretrained(p).state_dict(), strict=True)
+        else:
+            load_weights_strict(self, p)
+
+    def export_model(self, path: str) -> None:
+        self.generator.save_pretrained(path)

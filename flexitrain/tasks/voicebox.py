@@ -1,0 +1,320 @@
+"""VoiceboxTask: conditional flow matching of the FlexiCodec-TTS NAR (tts.md §2.4-2.5, bugs of §7 fixed).
+
+One step: targets (50 Hz normalised mel of the 24 kHz audio; 12.5 Hz semantic codes of a frozen FlexiCodec,
+expanded by their durations; optional SenseVoice features at 12.5 Hz for REPA) → `flow_matching_loss`.
+
+`flow_matching_loss` draws t, z and the prompt in the released order (t ~ U, z ~ N, drop ~ U, prompt
+lengths ~ randint), so with the same RNG state it reproduces the official numbers. Fixes, all default on:
+the valid-frame mask in true units (``official_mask_units=True`` restores lengths/24000·50 on 16 kHz
+lengths, B7), a prompt range that cannot be empty for short clips (B13), eval-mode fp32 codec/teacher kept
+out of the module tree and DDP (B11), per-rank RNG streams, an explicit codec threshold each call (B11).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from flexitrain.audio.mel24k import mel24k, mel_frames
+from flexitrain.audio.resample import resample, resample_lengths
+from flexitrain.losses.masking import lengths_to_mask
+from flexitrain.models.codec.merging import downsample_features_per_item, expand_groups, frame_to_group_from_lengths
+from flexitrain.models.tts.flow_sampling import sample_mel
+from flexitrain.models.tts.voicebox import VoiceboxNAR
+from flexitrain.tasks.schedules import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def sample_flow_time(batch: int, scheduler: str = "cos", generator: torch.Generator | None = None) -> Tensor:
+    """t ~ U(0, 1) clamped to [1e-5, 1]; "cos": ``1 − cos(πt/2)`` (more mass near the noise end)."""
+    t = torch.rand(batch, generator=generator).clamp(1e-5, 1.0)
+    if scheduler == "cos":
+        return 1 - torch.cos(t * math.pi * 0.5)
+    if scheduler != "linear":
+        raise ValueError(f"time_scheduler must be 'cos' or 'linear', got {scheduler!r}")
+    return t
+
+
+def prompt_range(num_frames: int, max_ratio: float = 0.4) -> tuple[int, int]:
+    """randint bounds of the prefix prompt: [min(T//4, 5), int(max_ratio·T)), widened to >= 1 value."""
+    low = min(num_frames // 4, 5)
+    return low, max(int(num_frames * max_ratio), low + 1)
+
+
+def expand_token_codes(codes: Tensor, token_lengths: Tensor, num_frames: int | None = None) -> Tensor:
+    """Merged codes ``[B, G]`` + durations ``[B, G]`` → 12.5 Hz codes ``[B, T]`` (0 past each item's end)."""
+    f2g = frame_to_group_from_lengths(token_lengths.long(), num_frames)
+    return expand_groups(codes[:, None].long(), f2g)[:, 0]
+
+
+def flow_matching_loss(nar: VoiceboxNAR, mel: Tensor, x_mask: Tensor, codes: Tensor,
+                       repa_target: Tensor | None = None, *, sigma: float = 1e-5, time_scheduler: str = "cos",
+                       cond_drop_prob: float = 0.2, prompt_max_ratio: float = 0.4, loss_type: str = "l1",
+                       repa_weight: float = 1.0, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    """Released Voicebox objective.
+
+    mel ``[B, T, 128]`` normalised target; x_mask ``[B, T]`` (1 = valid frame); codes ``[B, T/4]`` 12.5 Hz;
+    repa_target ``[B, D_ssl, T/4]`` or None (REPA off). Returns ``(loss, logs)``: logs hold the
+    terms and the draws (``t``, ``z``, ``prompt_len``, ``x_t``, ``cond``, ``flow_pred``, ``hidden``).
+    """
+    vb = nar.voicebox_model
+    cond = vb.embed_codes(codes)
+    if abs(cond.shape[1] - mel.shape[1]) > 8:
+        raise ValueError(f"condition ({cond.shape[1]} frames from {codes.shape[1]} codes) and mel ({mel.shape[1]} "
+                         "frames) differ by more than 8 frames: codes and audio do not belong together")
+    T = min(cond.shape[1], mel.shape[1])
+    x, x_mask, cond = mel[:, :T], x_mask[:, :T].float(), cond[:, :T]
+    B, device = x.shape[0], x.device
+    t = sample_flow_time(B, time_scheduler, generator).to(device)
+    z = torch.randn(x.shape, generator=generator).to(device, x.dtype)
+    if torch.rand(1, generator=generator).item() > cond_drop_prob:
+        low, high = prompt_range(T, prompt_max_ratio)
+        prompt_len = torch.randint(low, high, (B,), generator=generator).to(device)
+    else:  # the unconditional branch of classifier-free guidance: no prompt and no tokens
+        prompt_len = torch.zeros(B, dtype=torch.long, device=device)
+    not_prompt = (torch.arange(T, device=device)[None] >= prompt_len[:, None]).to(x.dtype)[..., None]
+    tt = t[:, None, None]
+    x_t = ((1 - (1 - sigma) * tt) * z + tt * x) * not_prompt + x * (1 - not_prompt)
+    cond = cond * (prompt_len > 0).to(cond.dtype)[:, None, None]
+    use_repa = repa_target is not None
+    out = vb(x_t, t, cond, x_mask, return_hidden=use_repa)
+    flow_pred, hidden = out if use_repa else (out, None)
+
+    final_mask = not_prompt[..., 0] * x_mask
+    err = flow_pred - (x - (1 - sigma) * z)
+    err = err.abs() if loss_type == "l1" else err.pow(2) if loss_type == "mse" else None
+    if err is None:
+        raise ValueError(f"loss_type must be 'l1' or 'mse', got {loss_type!r}")
+    diff_loss = (err.float().mean(-1) * final_mask).sum() / final_mask.sum().clamp(min=1)
+    logs = {"diff_loss": diff_loss.detach(), "prompt_len_mean": prompt_len.float().mean(), "t": t, "z": z,
+            "prompt_len": prompt_len, "x_t": x_t, "cond": cond, "flow_pred": flow_pred, "hidden": hidden}
+    loss = diff_loss
+    if use_repa:
+        if nar.repa_projection is None:
+            raise ValueError("REPA targets given but the model was built with use_repa=False")
+        factor = vb.cond_scale_factor
+        pooled = F.avg_pool1d(hidden.transpose(1, 2), factor, factor)
+        if abs(pooled.shape[-1] - repa_target.shape[-1]) > 2:
+            raise ValueError(f"REPA target has {repa_target.shape[-1]} frames, the pooled hidden state "
+                             f"{pooled.shape[-1]}")
+        n = min(pooled.shape[-1], repa_target.shape[-1])
+        pred = nar.repa_projection(pooled[..., :n].transpose(1, 2)).transpose(1, 2)
+        # Released mask: the 50 Hz mask linearly interpolated to 12.5 Hz, any overlap counts as valid.
+        mask = F.interpolate(x_mask[:, None], size=n, mode="linear", align_corners=False)[:, 0] > 0
+        cos = F.cosine_similarity(pred, repa_target[..., :n].to(pred.dtype), dim=1)
+        repa_loss = ((1 - cos) * mask).sum() / mask.sum().clamp(min=1)
+        loss = loss + repa_weight * repa_loss
+        logs["repa_loss"] = repa_loss.detach()
+    logs["loss"] = loss.detach()
+    return loss, logs
+
+
+class VoiceboxTask(L.LightningModule):
+    """Lightning wrapper: targets, optimiser, logging, validation sampling, resume state.
+
+    model: `VoiceboxNAR` kwargs (or a ``_target_`` config). codec: None (batches then carry
+    ``semantic_codes [B, T12]`` and, for REPA, ``semantic_repr [B, 512, T12]``), or
+    ``{checkpoint: <flexitrain codec dir>}`` / ``{model: <FlexiCodec config>, random_init: true}``;
+    teacher: the SenseVoice teacher config of `flexitrain.tasks.teacher.build_teacher`.
+    """
+
+    def __init__(self, model: dict, codec: dict | None = None, teacher: dict | None = None,
+                 sample_rate: int = 16000, thresholds: list[float] = (0.91,), sigma: float = 1e-5,
+                 time_scheduler: str = "cos", cond_drop_prob: float = 0.2, prompt_max_ratio: float = 0.4,
+                 loss_type: str = "l1", use_repa: bool = True, repa_weight: float = 1.0,
+                 official_mask_units: bool = False, optimizer: dict | None = None, scheduler: dict | None = None,
+                 grad_clip: float | None = 1.0, validation: dict | None = None):
+        super().__init__()
+        model, codec, teacher = _plain(model), _plain(codec), _plain(teacher)
+        self.save_hyperparameters()
+        self.nar = instantiate(model) if "_target_" in model else VoiceboxNAR(**model)
+        self.use_repa = bool(use_repa)
+        if self.use_repa and self.nar.repa_projection is None:
+            raise ValueError("task.use_repa=true needs a model built with use_repa=true")
+        self.loss_cfg = dict(sigma=float(sigma), time_scheduler=time_scheduler, cond_drop_prob=float(cond_drop_prob),
+                             prompt_max_ratio=float(prompt_max_ratio), loss_type=loss_type,
+                             repa_weight=float(repa_weight))
+        self.sample_rate, self.thresholds = int(sample_rate), [float(x) for x in thresholds]
+        self.official_mask_units = bool(official_mask_units)
+        self.optim_cfg = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.01, **(_plain(optimizer) or {})}
+        self.sched_cfg = {"warmup_steps": 0, "total_steps": 1, "min_lr_ratio": 1.0, **(_plain(scheduler) or {})}
+        self.grad_clip = grad_clip
+        self.val_cfg = {"n_timesteps": 15, "cfg": 2.0, "rescale_cfg": 0.75, "seed": 0, "prompt_ratio": 0.3,
+                        **(_plain(validation) or {})}
+        # Frozen codec / teacher out of the module tree: no optimiser, no DDP buckets, never train().
+        self._frozen: dict[str, nn.Module | None] = {"codec": None, "teacher": None}
+        if codec:
+            self._frozen["codec"] = self._build_codec(codec)
+        if teacher and (codec or self.use_repa):
+            from flexitrain.tasks.teacher import build_teacher
+
+            self._frozen["teacher"] = build_teacher(teacher)
+        self._gen = torch.Generator().manual_seed(0)
+        self._rng = random.Random(0)
+
+    def _build_codec(self, cfg: dict) -> nn.Module:
+        from flexitrain.models.codec import FlexiCodec
+
+        if cfg.get("checkpoint"):
+            codec = FlexiCodec.from_pretrained(cfg["checkpoint"])
+        elif cfg.get("model") and cfg.get("random_init"):
+            log.warning("using a RANDOMLY initialised codec for NAR targets: demo/test use only")
+            state = torch.random.get_rng_state()
+            torch.manual_seed(int(cfg.get("seed", 0)))
+            codec = instantiate(cfg["model"]) if "_target_" in cfg["model"] else FlexiCodec(**cfg["model"])
+            torch.random.set_rng_state(state)
+        else:
+            raise ValueError("task.codec needs `checkpoint` (a flexitrain codec directory) or `model` with "
+                             "`random_init: true` (demo only)")
+        size = codec.semantic_vq.codebook_size
+        if size > self.nar.config.cond_codebook_size:
+            raise ValueError(f"codec has {size} semantic codes but model.cond_codebook_size is "
+                             f"{self.nar.config.cond_codebook_size}")
+        for p in codec.parameters():
+            p.requires_grad_(False)
+        return codec.eval()
+
+    def _frozen_module(self, name: str) -> nn.Module | None:
+        m = self._frozen[name]
+        if m is not None and next(m.parameters()).device != self.device:
+            m.to(self.device)
+        return m.eval() if m is not None else None
+
+    # ---------------------------------------------------------------- setup / optimiser
+    def setup(self, stage: str) -> None:
+        seed = int(torch.initial_seed()) % (2**31) * 1000 + self.global_rank
+        self._gen.manual_seed(seed)
+        self._rng = random.Random(seed)
+
+    def configure_optimizers(self):
+        oc, sc = self.optim_cfg, self.sched_cfg
+        opt = torch.optim.AdamW(self.nar.parameters(), lr=oc["lr"], betas=tuple(oc["betas"]),
+                                weight_decay=oc["weight_decay"])
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"]))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val or self.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    # ---------------------------------------------------------------- targets
+    @torch.no_grad()
+    def targets(self, batch: dict, threshold: float) -> dict[str, Tensor]:
+        """``mel [B, T, 128]``, ``x_mask [B, T]``, ``codes [B, T12]`` and ``repa [B, 512, T12]`` (or None)."""
+        audio, lengths = batch["audio"].float(), batch["lengths"].long()
+        if audio.dim() != 3 or audio.shape[1] != 1:
+            raise ValueError(f"batch['audio'] must be [B, 1, T], got {tuple(audio.shape)}")
+        with torch.autocast(self.device.type, enabled=False):
+            mel, _ = mel24k(audio[:, 0], self.sample_rate)
+            mel = mel.transpose(1, 2)
+            n_valid = ((lengths.float() / 24000 * 50).long() if self.official_mask_units
+                       else mel_frames(lengths, self.sample_rate))
+            x_mask = lengths_to_mask(n_valid, mel.shape[1]).float()
+            repa = batch.get("semantic_repr")
+            if "semantic_codes" in batch:
+                codes = batch["semantic_codes"].long()
+            else:
+                codes, feats12 = self._codec_targets(audio, lengths, threshold)
+                repa = feats12 if repa is None else repa
+        if self.use_repa and repa is None:
+            raise ValueError("REPA is on but there are no teacher features: configure task.teacher or pass "
+                             "batch['semantic_repr'] (or set task.use_repa=false)")
+        return {"mel": mel, "x_mask": x_mask, "codes": codes, "repa": repa if self.use_repa else None}
+
+    def _codec_targets(self, audio: Tensor, lengths: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+        codec, teacher = self._frozen_module("codec"), self._frozen_module("teacher")
+        if codec is None or teacher is None:
+            raise ValueError("batches carry no 'semantic_codes': configure task.codec and task.teacher")
+        if self.sample_rate != codec.sample_rate:
+            audio = resample(audio, self.sample_rate, codec.sample_rate, backend="torch")
+            lengths = resample_lengths(lengths, self.sample_rate, codec.sample_rate).clamp(max=audio.shape[-1])
+        feats, feat_lens = teacher(audio[:, 0], lengths)
+        tokens = codec.encode(audio, lengths, sample_rate=codec.sample_rate, threshold=threshold,
+                              num_quantizers=1, semantic_features=feats, semantic_lengths=feat_lens)
+        if tokens.semantic_codes.dim() != 2:
+            raise ValueError("the NAR needs a single-codebook semantic FSQ")
+        feats12, _ = downsample_features_per_item(feats.float(), feat_lens, codec.semantic_downsample_factor)
+        codes = expand_token_codes(tokens.semantic_codes, tokens.token_lengths, feats12.shape[-1])
+        return codes, feats12
+
+    # ---------------------------------------------------------------- steps
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        threshold = self._rng.choice(self.thresholds)
+        tg = self.targets(batch, threshold)
+        loss, logs = flow_matching_loss(self.nar, tg["mel"], tg["x_mask"], tg["codes"], tg["repa"],
+                                        generator=self._gen, **self.loss_cfg)
+        bsz = tg["mel"].shape[0]
+        scalars = {k: v for k, v in logs.items() if k in ("loss", "diff_loss", "repa_loss", "prompt_len_mean")}
+        scalars["threshold"] = torch.tensor(threshold)
+        self.log_dict({f"train/{k}": v for k, v in scalars.items()}, batch_size=bsz)
+        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=bsz)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch.get("duplicate"):
+            return
+        tg = self.targets(batch, self.thresholds[0])
+        gen = torch.Generator().manual_seed(int(self.val_cfg["seed"]) + batch_idx)
+        _, logs = flow_matching_loss(self.nar, tg["mel"], tg["x_mask"], tg["codes"], tg["repa"],
+                                     generator=gen, **self.loss_cfg)
+        bsz = tg["mel"].shape[0]
+        self.log_dict({f"val/{k}": logs[k] for k in ("loss", "diff_loss") if k in logs}, batch_size=bsz,
+                      sync_dist=True)
+        if batch_idx == 0:
+            self.log("val/sample_mel_l1", self.sample_distance(tg), batch_size=1, sync_dist=True, prog_bar=True)
+
+    @torch.no_grad()
+    def sample_distance(self, tg: dict) -> Tensor:
+        """Prompt-infill the first item (its first `prompt_ratio` kept) and return the L1 to its true mel."""
+        n = int(tg["x_mask"][0].sum())
+        codes = tg["codes"][:1, : n // self.nar.config.cond_scale_factor]
+        T = codes.shape[1] * self.nar.config.cond_scale_factor
+        target = tg["mel"][:1, :T]
+        n_prompt = max(1, int(T * float(self.val_cfg["prompt_ratio"])))
+        if T - n_prompt < 1:
+            return torch.zeros((), device=self.device)
+        cond = self.nar.voicebox_model.embed_codes(codes)
+        out = sample_mel(self.nar.voicebox_model, cond, target[:, :n_prompt], n_timesteps=int(self.val_cfg["n_timesteps"]),
+                         cfg=float(self.val_cfg["cfg"]), rescale_cfg=float(self.val_cfg["rescale_cfg"]),
+                         seed=int(self.val_cfg["seed"]))
+        return (out - target[:, n_prompt:]).abs().mean()
+
+    # ---------------------------------------------------------------- checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["flexitrain"] = {"rng_python": self._rng.getstate(), "rng_task": self._gen.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("flexitrain")
+        if state:
+            self._rng.setstate(state["rng_python"])
+            self._gen.set_state(state["rng_task"])
+
+    def init_from(self, path: str) -> None:
+        """Strictly initialise the NAR from a Lightning checkpoint or an exported/imported directory."""
+        from pathlib import Path
+
+        from flexitrain.tasks.checkpointing import load_weights_strict
+
+        p = Path(path)
+        if p.is_dir():
+            self.nar.load_state_dict(VoiceboxNAR.from_pretrained(p).state_dict(), strict=True)
+        else:
+            load_weights_strict(self, p)
+
+    def export_model(self, path: str) -> None:
+        self.nar.save_pretrained(path)

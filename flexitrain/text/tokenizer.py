@@ -1,0 +1,95 @@
+"""Whisper multilingual byte-level BPE (the AR model's text vocabulary), built offline from the tiktoken file
+that ships inside the ``openai-whisper`` package — nothing is downloaded.
+
+The official model uses ``whisper.tokenizer.get_tokenizer(multilingual=True)`` (99 languages: 51,865 ids;
+the model's embedding has 51,866 rows) and feeds ``[<|lang|>] + bpe(text)``. Only whisper's small
+``tokenizer.py`` is loaded (not the ``whisper`` package, which would import its model code).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from flexitrain.text.phonemize import Phonemizer
+
+NUM_LANGUAGES = 99  # whisper's default; the official AR tokenizer
+
+
+@lru_cache(maxsize=None)
+def _whisper_tokenizer_module():
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the Whisper BPE needs the openai-whisper package (its tiktoken assets): "
+                          "pip install --no-deps openai-whisper && pip install tiktoken")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.py"
+    mod_spec = importlib.util.spec_from_file_location("_flexitrain_whisper_tokenizer", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module  # dataclasses need the module registered
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+class WhisperTextTokenizer:
+    """``encode(text, language)`` -> ``[<|language|>] + BPE ids``; ``decode`` inverts the BPE part."""
+
+    def __init__(self, num_languages: int = NUM_LANGUAGES):
+        wt = _whisper_tokenizer_module()
+        self.languages = list(wt.LANGUAGES)[:num_languages]
+        self.encoding = wt.get_encoding("multilingual", num_languages=num_languages)
+        self.vocab_size = self.encoding.n_vocab  # 51865 with 99 languages
+
+    def language_token(self, language: str) -> int:
+        if language not in self.languages:
+            raise ValueError(f"unknown language {language!r}: whisper language codes are {self.languages}")
+        return self.encoding.encode_single_token(f"<|{language}|>")
+
+    def encode(self, text: str, language: str = "en") -> list[int]:
+        return [self.language_token(language)] + self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], languages: str | list[str] = "en") -> list[list[int]]:
+        langs = [languages] * len(texts) if isinstance(languages, str) else list(languages)
+        bpe = self.encoding.encode_ordinary_batch(texts, num_threads=1)
+        return [[self.language_token(lang)] + ids for lang, ids in zip(langs, bpe)]
+
+    def decode(self, ids: list[int]) -> str:
+        """BPE ids -> text; special tokens (language etc.) are dropped."""
+        return self.encoding.decode([i for i in ids if i < self.encoding.eot_token])
+
+
+class TextFrontend:
+    """Text -> model ids: optional espeak-ng G2P (full, as at official inference) then the Whisper BPE.
+
+    ``g2p_prob`` < 1 keeps the raw text for that share of calls (a training-time augmentation; the
+    official training policy is unknown, inference is always full G2P). Phonemes are cached.
+    """
+
+    def __init__(self, g2p: bool = True, g2p_prob: float = 1.0, shorten: bool = True, seed: int = 0):
+        import random
+
+        self.tokenizer = WhisperTextTokenizer()
+        self.phonemizer = Phonemizer(shorten=shorten) if g2p else None
+        self.g2p_prob = g2p_prob
+        self._rng = random.Random(seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def text_for_model(self, texts: list[str], languages: str | list[str] = "en") -> list[str]:
+        if self.phonemizer is None or self.g2p_prob <= 0:
+            return list(texts)
+        use = [self.g2p_prob >= 1 or self._rng.random() < self.g2p_prob for _ in texts]
+        langs = [languages] * len(texts) if isinstance(languages, str) else list(languages)
+        phon = self.phonemizer.phonemize_batch([t for t, u in zip(texts, use) if u],
+                                               [l for l, u in zip(langs, use) if u])
+        it = iter(phon)
+        return [next(it) if u else t for t, u in zip(texts, use)]
+
+    def __call__(self, texts: list[str] | str, languages: str | list[str] = "en") -> list[list[int]]:
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        ids = self.tokenizer.encode_batch(self.text_for_model(texts, languages), languages)
+        return ids[0] if single else ids
