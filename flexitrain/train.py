@@ -22,11 +22,15 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def _enabled(group) -> list:
+    """Entries of a callbacks/logger group that name a class: a recipe may tweak a key (e.g.
+    callbacks.checkpoint.every_n_train_steps) of an entry that the chosen group option left out."""
+    return [conf for conf in (group or {}).values() if conf is not None and "_target_" in conf]
+
+
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
-    for name, conf in (cfg.get("logger") or {}).items():
-        if conf is None:
-            continue
+    for conf in _enabled(cfg.get("logger")):
         if "WandbLogger" in conf.get("_target_", "") and conf.get("id") is None:
             conf = OmegaConf.merge(conf, {"id": stable_run_id(cfg.paths.output_dir)})
         loggers.append(instantiate(conf))
@@ -34,7 +38,7 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return [instantiate(conf) for conf in (cfg.get("callbacks") or {}).values() if conf is not None]
+    return [instantiate(conf) for conf in _enabled(cfg.get("callbacks"))]
 
 
 def save_resolved_config(cfg: DictConfig, output_dir: Path) -> None:

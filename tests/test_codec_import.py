@@ -18,6 +18,15 @@ REF = ROOT.parent / "shared" / "reference" / "flexicodec_tiny"
 pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"reference vectors not found at {REF}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared CI cores they stall badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def official():
     config = json.loads((REF / "reference_cases.json").read_text())["config"]

@@ -16,6 +16,15 @@ KEYS = SHARED / "reference" / "flexicodec_released_keys.json"
 
 pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"reference vectors not found at {REF}")
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared CI cores they stall badly."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def _parity_main():
     sys.path.insert(0, str(ROOT / "tools"))

@@ -114,6 +114,22 @@ def test_bucket_batcher_budget_and_lone_long_items():
     assert plan == [[1, 5, 3], [0], [2], [4]]
 
 
+def test_worker_batches_through_the_slot_pool_equal_in_process_batches(corpus):
+    folder, _ = corpus
+    ds = EvalAudioDataset(expand_shards(str(folder)), DecodeConfig(), LoaderConfig(batch_seconds=3.0),
+                          num_workers=2)
+    reference = {tuple(b["keys"]): b for b in ds}  # in-process: plain tensors
+    loader = AudioLoader(ds, num_workers=2)
+    for _ in range(2):  # the second pass reuses slots that still hold the first pass's audio
+        got = list(loader)
+        assert len(got) == len(reference)
+        for b in got:
+            ref = reference[tuple(b["keys"])]
+            assert "_slot" not in b and b["audio"].shape == ref["audio"].shape
+            assert torch.equal(b["audio"], ref["audio"]) and torch.equal(b["lengths"], ref["lengths"])
+    assert loader.pool.data.abs().sum() > 0 and bool(loader.pool.free.all())  # used, and all released
+
+
 def test_lengths_to_mask():
     m = lengths_to_mask(torch.tensor([3, 1]), 4)
     assert m.shape == (2, 1, 4) and m.tolist() == [[[True, True, True, False]], [[True, False, False, False]]]

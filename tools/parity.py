@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check flexitrain's FlexiCodec against reference vectors recorded from the official code.
 
-Usage: python tools/parity.py REF_DIR [--tol 1e-4] [--masked]
+Usage: python tools/parity.py REF_DIR [--tol 1e-4] [--masked] [--threads N]
 
 REF_DIR is laid out like ``../shared/reference/flexicodec_tiny``: ``reference_cases.json``
 (``config`` = official constructor kwargs, ``cases``), ``official_state_dict.safetensors`` and
@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tol", type=float, default=1e-4, help="max |Δaudio| allowed (default 1e-4)")
     ap.add_argument("--masked", action="store_true",
                     help="run the padding-masked path of the new API instead of the official one")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0 = default; 1 is faster for tiny configs on busy machines)")
     args = ap.parse_args(argv)
     from safetensors.torch import load_file
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     spec = json.loads((args.ref_dir / "reference_cases.json").read_text())
     torch.manual_seed(spec.get("seed", 0))

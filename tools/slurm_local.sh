@@ -73,6 +73,12 @@ start() {
   if alive "$S/slurmctld.pid" && alive "$S/slurmd.pid"; then
     echo "slurm_local: already running (SLURM_CONF=$SLURM_CONF)"; return 0
   fi
+  local other
+  other=$(ps -C slurmctld,slurmd -o pid=,stat= | awk '$2 !~ /Z/ {printf "%s ", $1}' || true)
+  if [ -n "$other" ]; then  # another state dir's daemons hold the ports: ours would die at once
+    echo "slurm_local: SLURM daemons already running (pids $other) from another config; stop them first" >&2
+    return 1
+  fi
   install
   mkdir -p "$S/state" "$S/spool" "$S/log" /run/munge
   chown munge:munge /run/munge

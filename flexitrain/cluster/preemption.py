@@ -59,14 +59,14 @@ class PreemptionCheckpoint(L.Callback):
         self.requeue, self.dirpath, self.keep = requeue, dirpath, max(1, int(keep))
         self.pending: int = 0
         self.saved: str | None = None
+        self.exit_code: int = 0
         self._previous: dict = {}
         # Installed now, before the (slow) setup: SIGUSR1's default action kills the process.
         self._install()
 
     # ------------------------------------------------------------------ signals
     def _handler(self, signum, _frame) -> None:
-        log.info("received %s: checkpoint at the end of this training step", signal.Signals(signum).name)
-        self.pending = int(signum)
+        self.pending = int(signum)  # only a flag: the checkpoint waits for the end of the training step
 
     def _install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -105,14 +105,28 @@ class PreemptionCheckpoint(L.Callback):
         return self.pending
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.exit_code:
+            return
         signum = self._agreed_signal(trainer)
         if not signum:
             return
         self.saved = self.save(trainer)
-        log.info("preemption checkpoint at step %d: %s", trainer.global_step, self.saved)
+        log.warning("received %s: checkpoint at step %d: %s", signal.Signals(signum).name, trainer.global_step,
+                    self.saved)
         if self.requeue and signal.Signals(signum) in self.requeue_on and trainer.is_global_zero:
             requeue_slurm_job()
-        raise Preempted(128 + signum)
+        # Exit at the next hook instead of now: Lightning logs this step's metrics after on_train_batch_end.
+        self.exit_code = 128 + signum
+
+    def _exit_if_preempted(self) -> None:
+        if self.exit_code:
+            raise Preempted(self.exit_code)  # Lightning finalizes the loggers (CSV rows flushed) and tears down
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._exit_if_preempted()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._exit_if_preempted()
 
     def save(self, trainer: L.Trainer) -> str:
         """Write hpc_ckpt_<n+1>.ckpt atomically (tmp file + rename: a SIGKILL mid-write leaves no bad checkpoint)."""

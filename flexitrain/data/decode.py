@@ -113,7 +113,8 @@ def decode_audio(data: bytes, cfg: DecodeConfig, stats: DataStats, rng: np.rando
         try:
             if offset:
                 f.seek(offset)
-            x = f.read(need, dtype="float32", always_2d=False)
+            # With `out` soundfile skips its frame-count check (two extra seeks per read).
+            x = f.read(out=np.empty((need, channels) if channels > 1 else need, dtype=np.float32))
         except Exception:
             stats.add("corrupt_audio")
             return None

@@ -10,6 +10,10 @@ Evaluation (`EvalAudioDataset`): a plan is made once in `__init__` (each rank re
 decodes the whole eval set once) -- the usable samples, their lengths and the batches.  The
 batches are dealt to ranks in contiguous blocks whose count is equal on every rank, so every
 usable sample is seen exactly once over all ranks x workers and no rank waits at the end.
+
+Both datasets batch in their workers; iterate them with `AudioLoader` (it completes worker
+batches in the main process and recycles their shared memory).  Shards are read with a small
+tar reader (`iter_shard`) that counts empty and broken shards instead of raising.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from dataclasses import dataclass
 
 import braceexpand
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
-from .batching import BucketBatcher, Item, collate, finalize_batch, plan_batches
+from .batching import BucketBatcher, Item, SlotPool, collate, finalize_batch, plan_batches
 from .decode import AUDIO_KEYS, DecodeConfig, decode_audio, parse_meta
 from .stats import DataStats, NullStats
 
@@ -259,20 +264,53 @@ class LoaderConfig:
 
 # ----------------------------------------------------------------------------- loader
 class AudioLoader(DataLoader):
-    """DataLoader for the datasets below (they batch themselves): finishes each batch in the main
-    process (finalize_batch) and sets the dataset's epoch before each pass, from `epoch_fn` (e.g.
-    the trainer's epoch, so a resumed run does not replay epoch 0) or by counting passes."""
+    """DataLoader for the datasets below (they batch themselves).  It gives worker batches a
+    reusable shared-memory SlotPool, finishes each batch in the main process (finalize_batch),
+    and sets the dataset's epoch before each pass, from `epoch_fn` (e.g. the trainer's epoch, so
+    a resumed run does not replay epoch 0) or by counting passes."""
 
     def __init__(self, dataset, epoch_fn=None, **kw):
+        kw.setdefault("collate_fn", _as_is)  # batches are ready; default_convert would walk every string
         super().__init__(dataset, batch_size=None, **kw)
         self._epoch_fn, self._passes = epoch_fn, 0
+        self.pool = None
+        if self.num_workers > 0 and hasattr(dataset, "max_batch_numel"):
+            slots = (self.prefetch_factor or 2) + 1  # the batches a worker may have queued, +1 in the making
+            need = self.num_workers * slots * dataset.max_batch_numel() * 4
+            if need <= 0.5 * _shm_free_bytes():  # a small /dev/shm (docker's 64 MB) would SIGBUS
+                self.pool = SlotPool(self.num_workers, slots, dataset.max_batch_numel())
+            else:
+                log.info("shared memory too small for a %.0f MB batch pool; using per-batch tensors", need / 2**20)
+            dataset.pool = self.pool
 
     def __iter__(self):
         if hasattr(self.dataset, "set_epoch"):
             epoch = self._epoch_fn() if self._epoch_fn is not None else None
             self.dataset.set_epoch(self._passes if epoch is None else epoch)
         self._passes += 1
-        return map(finalize_batch, super().__iter__())
+        pool = self.pool
+        if pool is not None:
+            pool.reset()  # slots of an abandoned earlier pass
+        pin = self.pin_memory and torch.cuda.is_available()
+        return (finalize_batch(batch, pool, pin) for batch in super().__iter__())
+
+
+def _as_is(batch):
+    return batch
+
+
+def _shm_free_bytes() -> float:
+    try:
+        st = os.statvfs("/dev/shm")
+        return float(st.f_bavail * st.f_frsize)
+    except OSError:
+        return 0.0
+
+
+def _max_batch_numel(decode: DecodeConfig, batching: LoaderConfig) -> int:
+    """Largest B*T a batch can have: the budget, or one item of the longest possible length."""
+    longest = decode.crop_samples or int(math.ceil(decode.max_duration * decode.sample_rate))
+    return max(batching.budget, longest + 16)
 
 
 # ----------------------------------------------------------------------------- training
@@ -309,6 +347,10 @@ class TrainAudioDataset(IterableDataset):
         self.batches_per_worker, self.seed = batches_per_worker, seed
         self.epoch = 0
         self.stats = DataStats(num_workers)
+        self.pool: SlotPool | None = None  # set by AudioLoader
+
+    def max_batch_numel(self) -> int:
+        return _max_batch_numel(self.decode, self.batching)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -395,7 +437,7 @@ class TrainAudioDataset(IterableDataset):
         self.stats.add("samples", len(items))
         self.stats.add("batches")
         self.stats.flush()
-        return collate(items)
+        return collate(items, pool=self.pool)
 
 
 def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -433,6 +475,7 @@ class EvalAudioDataset(IterableDataset):
         self.urls, self.decode, self.batching = list(urls), decode, batching
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.stats = DataStats(num_workers)
+        self.pool: SlotPool | None = None  # set by AudioLoader
         self.batches = self._plan()  # this rank's batches: [(shard index, [keys])]
 
     def _plan(self) -> list[tuple[int, list[str]]]:
@@ -458,6 +501,9 @@ class EvalAudioDataset(IterableDataset):
     def __len__(self) -> int:
         return len(self.batches)
 
+    def max_batch_numel(self) -> int:
+        return _max_batch_numel(self.decode, self.batching)
+
     def __iter__(self) -> Iterator[dict]:
         wid, nw = _worker()
         self.stats.start()
@@ -467,27 +513,52 @@ class EvalAudioDataset(IterableDataset):
         for s, keys, dup in mine:
             by_shard.setdefault(s, []).append((keys, dup))
         for s in sorted(by_shard):
-            wanted = {k for keys, _ in by_shard[s] for k in keys}
-            items = {}
-            for sample in iter_shard(self.urls[s], NullStats()):  # problems were counted by the plan
-                if sample["__key__"] in wanted:
-                    item = decode_sample(sample, self.decode, NullStats(), None)
-                    if item is not None:
-                        items[item.key] = item
-            for keys, dup in by_shard[s]:
-                batch_items = [items[k] for k in keys if k in items]
-                if not batch_items:  # the shard changed since the plan; nothing to give
-                    log.warning("evaluation shard %s changed since planning; batch dropped", self.urls[s])
-                    continue
-                batch = collate(batch_items)
-                if dup:
-                    batch["duplicate"] = True
-                else:
-                    self.stats.add("samples", len(batch_items))
-                self.stats.add("batches")
-                self.stats.flush()
-                yield batch
+            yield from self._shard_batches(s, by_shard[s])
         self.stats.flush()
+
+    def _shard_batches(self, s: int, batches: list[tuple[list[str], bool]]) -> Iterator[dict]:
+        """Read shard s once, keeping only the compressed bytes of wanted samples; decode and yield
+        each batch as soon as all its samples have been read (memory: at most one shard's bytes)."""
+        users: dict[str, list[int]] = {}
+        for b, (keys, _) in enumerate(batches):
+            for k in keys:
+                users.setdefault(k, []).append(b)
+        missing = [len(keys) for keys, _ in batches]
+        uses = {k: len(v) for k, v in users.items()}
+        raw: dict[str, dict] = {}
+        for sample in iter_shard(self.urls[s], NullStats()):  # problems were counted by the plan
+            key = sample["__key__"]
+            if key not in users or key in raw:
+                continue
+            raw[key] = sample
+            for b in users[key]:
+                missing[b] -= 1
+                if missing[b] == 0:
+                    yield from self._batch(s, batches[b], raw)
+                    for k in batches[b][0]:
+                        uses[k] -= 1
+                        if uses[k] == 0:
+                            del raw[k]
+        for b, n in enumerate(missing):
+            if n:  # the shard changed since the plan (or a read failed this time)
+                log.warning("evaluation shard %s: %d planned samples not found; batch shrunk", self.urls[s], n)
+                yield from self._batch(s, batches[b], raw)
+
+    def _batch(self, s: int, batch: tuple[list[str], bool], raw: dict[str, dict]) -> Iterator[dict]:
+        keys, dup = batch
+        items = [decode_sample(raw[k], self.decode, NullStats(), None) for k in keys if k in raw]
+        items = [it for it in items if it is not None]
+        if not items:
+            log.warning("evaluation shard %s: a planned batch has no decodable sample now; dropped", self.urls[s])
+            return
+        out = collate(items, pool=self.pool)
+        if dup:
+            out["duplicate"] = True
+        else:
+            self.stats.add("samples", len(items))
+        self.stats.add("batches")
+        self.stats.flush()
+        yield out
 
 
 class _ShardScan(IterableDataset):

@@ -18,7 +18,7 @@ SKIP_REASONS = (
     "silent_audio",  # peak below silence_threshold
     "nonfinite_audio",  # NaN or inf samples
     "too_short",  # shorter than min_duration
-    "too_long",  # longer than max_duration with long_clip_policy="skip"
+    "too_long",  # over max_duration with long_clip_policy="skip", or a member over MAX_MEMBER_BYTES
     "missing_audio",  # no flac/wav/ogg/mp3 member in the sample
 )
 # Repaired and kept.

@@ -56,5 +56,5 @@ def encode_decode(generator: nn.Module, teacher: nn.Module, audio: torch.Tensor,
         semantic = teacher(audio, lengths)
     tokens = generator.encode(audio, lengths, threshold=threshold, num_quantizers=num_quantizers,
                               semantic_features=semantic[0], semantic_lengths=semantic[1])
-    recon, recon_lengths = generator.decode(tokens)
-    return tokens, recon, recon_lengths
+    decoded = generator.decode(tokens)
+    return tokens, decoded.audio, decoded.lengths

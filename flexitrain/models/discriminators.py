@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+# Official MPD widths; smaller ones make a CPU-sized discriminator for demos and tests.
+PERIOD_CHANNELS: tuple[int, ...] = (32, 128, 512, 1024)
 DEFAULT_BANDS: tuple[tuple[float, float], ...] = (
     (0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)
 )
@@ -35,17 +37,17 @@ def _check_audio(x: Tensor) -> None:
 class PeriodDiscriminator(nn.Module):
     """MPD branch: folds the waveform into ``[B, 1, T/p, p]`` and convolves along time."""
 
-    def __init__(self, period: int):
+    def __init__(self, period: int, channels: Sequence[int] = PERIOD_CHANNELS):
         super().__init__()
         if period < 1:
             raise ValueError(f"period must be >= 1, got {period}")
         self.period = period
-        chans = [1, 32, 128, 512, 1024]
+        chans = [1, *channels]
         self.convs = nn.ModuleList(
             [wn_conv2d(c_in, c_out, (5, 1), (3, 1), padding=(2, 0)) for c_in, c_out in zip(chans, chans[1:])]
-            + [wn_conv2d(1024, 1024, (5, 1), 1, padding=(2, 0))]
+            + [wn_conv2d(chans[-1], chans[-1], (5, 1), 1, padding=(2, 0))]
         )
-        self.conv_post = wn_conv2d(1024, 1, (3, 1), padding=(1, 0), act=False)
+        self.conv_post = wn_conv2d(chans[-1], 1, (3, 1), padding=(1, 0), act=False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         _check_audio(x)
@@ -132,13 +134,14 @@ class CodecDiscriminator(nn.Module):
         bands: Sequence[tuple[float, float]] = DEFAULT_BANDS,
         channels: int = 64,
         normalize_input: bool = True,
+        period_channels: Sequence[int] = PERIOD_CHANNELS,
     ):
         super().__init__()
         if not periods and not fft_sizes:
             raise ValueError("CodecDiscriminator needs at least one period or fft size")
         self.normalize_input = normalize_input
         self.discriminators = nn.ModuleList(
-            [PeriodDiscriminator(p) for p in periods]
+            [PeriodDiscriminator(p, period_channels) for p in periods]
             + [BandSTFTDiscriminator(w, bands=bands, channels=channels) for w in fft_sizes]
         )
 

@@ -131,7 +131,7 @@ class Vocos(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "Vocos":
-        """A `save_pretrained` directory, or a released-format ``.safetensors`` file (released sizes), strictly."""
+        """A `save_pretrained` directory, or a released-format ``.safetensors`` file, loaded strictly."""
         from omegaconf import OmegaConf
         from safetensors.torch import load_file
 
@@ -139,12 +139,39 @@ class Vocos(nn.Module):
 
         path = Path(path)
         if path.is_file():
-            model, weights = cls(**RELEASED_VOCOS), path
-        elif (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
-            model = cls(**OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME)))
-            weights = path / WEIGHTS_NAME
-        else:
+            return import_released_vocos(path)
+        if not ((path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
             raise FileNotFoundError(f"{path} is neither a .safetensors file nor a Vocos checkpoint directory")
-        state = check_state_dict(model, load_file(str(weights), device=str(map_location)), ignore=())
+        model = cls(**OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME)))
+        state = check_state_dict(model, load_file(str(path / WEIGHTS_NAME), device=str(map_location)), ignore=())
         model.load_state_dict(state, strict=True)
         return model.eval()
+
+
+def import_released_vocos(state_or_path, hop_size: int = 480) -> Vocos:
+    """Released ``vocos_emilia.safetensors`` (or its state dict) → `Vocos`, sizes read from the shapes, strict."""
+    import re
+
+    from flexitrain.models.codec.checkpoint import check_state_dict
+
+    if isinstance(state_or_path, (str, Path)):
+        from safetensors.torch import load_file
+
+        if not Path(state_or_path).is_file():
+            raise FileNotFoundError(f"{state_or_path} does not exist (download vocos_emilia.safetensors first)")
+        state = load_file(str(state_or_path))
+    else:
+        state = dict(state_or_path)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        embed, pw1, out = (state[k] for k in ("backbone.embed.weight", "backbone.convnext.0.pwconv1.weight",
+                                              "head.out.weight"))
+    except KeyError as e:
+        raise ValueError(f"not a Vocos (ConvNeXt + ISTFT head) state dict: key {e} is missing") from None
+    if any(k.startswith("backbone.norm.scale") or ".norm.scale." in k for k in state):
+        raise ValueError("AdaLayerNorm (bandwidth-conditioned) Vocos checkpoints are not supported")
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.convnext\.(\d+)\.", k))}
+    model = Vocos(input_channels=embed.shape[1], dim=embed.shape[0], intermediate_dim=pw1.shape[0],
+                  num_layers=len(layers), n_fft=out.shape[0] - 2, hop_size=hop_size)
+    model.load_state_dict(check_state_dict(model, state, ignore=()), strict=True)
+    return model.eval()

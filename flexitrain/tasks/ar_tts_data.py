@@ -93,7 +93,7 @@ class ARTTSDataset(IterableDataset):
         from flexitrain.data.pipeline import DataStats, iter_shard
         from flexitrain.data.decode import DecodeConfig, decode_audio, parse_meta
 
-        stats, decode_cfg = DataStats(), DecodeConfig(sample_rate=self.sample_rate, max_duration=self.max_duration)
+        stats, decode_cfg = DataStats(0), DecodeConfig(sample_rate=self.sample_rate, max_duration=self.max_duration)
         urls = list(self.urls)
         if self.shuffle:
             rng.shuffle(urls)

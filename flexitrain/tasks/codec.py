@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from flexitrain.losses.adversarial import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from flexitrain.losses import build_repa_mlp, si_sdr
 from flexitrain.losses.masking import lengths_to_mask, masked_mse
 from flexitrain.losses.mel import MultiScaleMelLoss
 from flexitrain.losses.weights import combine_losses, resolve_loss_weights
@@ -34,16 +35,13 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def si_sdr(pred: Tensor, target: Tensor, lengths: Tensor) -> Tensor:
-    """Scale-invariant SDR in dB per item over each item's valid samples ([B, T] inputs)."""
-    mask = lengths_to_mask(lengths, target.shape[-1]).to(target.dtype)
-    pred, target = pred * mask, target * mask
-    n = lengths.clamp(min=1).to(target.dtype)
-    pred = pred - (pred.sum(-1) / n)[:, None] * mask
-    target = target - (target.sum(-1) / n)[:, None] * mask
-    scale = (pred * target).sum(-1) / (target.pow(2).sum(-1) + 1e-8)
-    proj = scale[:, None] * target
-    return 10 * torch.log10(proj.pow(2).sum(-1) / ((pred - proj).pow(2).sum(-1) + 1e-8) + 1e-8)
+def build_repa_mlp_for(generator: nn.Module) -> nn.Module:
+    """Linear(latent → 3·512) – GELU – Linear(→ 512): maps the bottleneck output onto teacher features."""
+    mlp = build_repa_mlp(dim=512, hidden=1536)
+    latent = generator.latent_dim
+    if latent != 512:
+        mlp[0] = nn.Linear(latent, 1536)
+    return mlp
 
 
 class CodecTask(L.LightningModule):
@@ -74,9 +72,8 @@ class CodecTask(L.LightningModule):
         self.mel_loss = MultiScaleMelLoss(sample_rate=self.generator.sample_rate, **(_plain(mel_loss) or {}))
         self.loss_weights = resolve_loss_weights(_plain(loss_weights))
         self.use_repa = use_repa
-        latent = self.generator.bottleneck_dim
-        self.repa_mlp = (nn.Sequential(nn.Linear(latent, 3 * 512), nn.GELU(), nn.Linear(3 * 512, 512))
-                         if use_repa else None)
+        # REPA head on the bottleneck output (official keys repa_mlp.0 / repa_mlp.2 at the released dims).
+        self.repa_mlp = build_repa_mlp_for(self.generator) if use_repa else None
         # The frozen teacher is kept out of the module tree: never in the optimiser, the trainable state
         # dict or DDP's gradient buckets, and `train()` cannot switch its dropout on (codec.md §7.9).
         self._teacher = [build_teacher(teacher)]
@@ -139,9 +136,8 @@ class CodecTask(L.LightningModule):
     def generator_losses(self, batch: dict, threshold: float, bypass: bool) -> tuple[dict, Any, Tensor, Tensor]:
         audio, lengths = batch["audio"], batch["lengths"]
         semantic, semantic_lengths = self.teacher_features(audio, lengths)
-        out = self.generator.forward_train(audio, lengths, semantic_features=semantic,
-                                           semantic_lengths=semantic_lengths, threshold=threshold,
-                                           bypass_quantize=bypass)
+        out = self.generator(audio, lengths, semantic_features=semantic, semantic_lengths=semantic_lengths,
+                             threshold=threshold, bypass_quantize=bypass)
         fake = out.audio[..., : audio.shape[-1]]
         real = audio[..., : fake.shape[-1]]
         fake_lengths = lengths.clamp(max=fake.shape[-1])
@@ -152,11 +148,16 @@ class CodecTask(L.LightningModule):
             "mel": self.mel_loss(fake, real, fake_lengths),
             "commit": out.commitment_loss,
             "codebook": out.codebook_loss,
+            # Anchored to the mean-pooled teacher features, not the aggregator's own output (codec.md §7.10).
             "distill": masked_mse(out.semantic_decoded, out.semantic_target.detach(), out.group_mask),
         }
         if self.repa_mlp is not None:
             pred = self.repa_mlp(out.bottleneck_output.transpose(1, 2)).transpose(1, 2)
-            terms["repa"] = masked_mse(pred, out.repa_target.detach(), out.frame_mask)
+            target = out.semantic_frames
+            if not out.bypassed_quantize and out.acoustic_frames.shape == target.shape:
+                target = target + out.acoustic_frames
+            # Detached: the official target leaks gradients into the encoder (codec.md §7.11).
+            terms["repa"] = masked_mse(pred, target.detach(), out.frame_mask)
         return terms, out, fake, real
 
     # ---------------------------------------------------------------- training
@@ -232,7 +233,8 @@ class CodecTask(L.LightningModule):
             tokens = self.generator.encode(audio, lengths, threshold=float(tau),
                                            num_quantizers=self.val_cfg["num_quantizers"],
                                            semantic_features=semantic, semantic_lengths=semantic_lengths)
-            recon, recon_lengths = self.generator.decode(tokens)
+            decoded = self.generator.decode(tokens)
+            recon, recon_lengths = decoded.audio, decoded.lengths
             recon = recon[..., : audio.shape[-1]]
             n = min(recon.shape[-1], audio.shape[-1])
             rl = torch.minimum(recon_lengths, lengths).clamp(max=n)

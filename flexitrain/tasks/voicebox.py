@@ -107,6 +107,9 @@ def flow_matching_loss(nar: VoiceboxNAR, mel: Tensor, x_mask: Tensor, codes: Ten
             raise ValueError("REPA targets given but the model was built with use_repa=False")
         factor = vb.cond_scale_factor
         pooled = F.avg_pool1d(hidden.transpose(1, 2), factor, factor)
+        if repa_target.shape[1] != nar.config.repa_projection_dim:
+            raise ValueError(f"REPA target has {repa_target.shape[1]} channels but model.repa_projection_dim is "
+                             f"{nar.config.repa_projection_dim} (the teacher width, 512 for SenseVoice)")
         if abs(pooled.shape[-1] - repa_target.shape[-1]) > 2:
             raise ValueError(f"REPA target has {repa_target.shape[-1]} frames, the pooled hidden state "
                              f"{pooled.shape[-1]}")
@@ -126,7 +129,8 @@ class VoiceboxTask(L.LightningModule):
     """Lightning wrapper: targets, optimiser, logging, validation sampling, resume state.
 
     model: `VoiceboxNAR` kwargs (or a ``_target_`` config). codec: None (batches then carry
-    ``semantic_codes [B, T12]`` and, for REPA, ``semantic_repr [B, 512, T12]``), or
+    ``semantic_codes [B, T12]`` at 12.5 Hz, or merged ``semantic_codes [B, G]`` + ``token_lengths [B, G]``,
+    and, for REPA, ``semantic_repr [B, 512, T12]``), or
     ``{checkpoint: <flexitrain codec dir>}`` / ``{model: <FlexiCodec config>, random_init: true}``;
     teacher: the SenseVoice teacher config of `flexitrain.tasks.teacher.build_teacher`.
     """
@@ -226,8 +230,10 @@ class VoiceboxTask(L.LightningModule):
                        else mel_frames(lengths, self.sample_rate))
             x_mask = lengths_to_mask(n_valid, mel.shape[1]).float()
             repa = batch.get("semantic_repr")
-            if "semantic_codes" in batch:
+            if "semantic_codes" in batch:  # pre-extracted: 12.5 Hz codes, or merged codes + token_lengths
                 codes = batch["semantic_codes"].long()
+                if "token_lengths" in batch:
+                    codes = expand_token_codes(codes, batch["token_lengths"], (mel.shape[1] + 3) // 4)
             else:
                 codes, feats12 = self._codec_targets(audio, lengths, threshold)
                 repa = feats12 if repa is None else repa

@@ -98,7 +98,8 @@ class Phonemizer:
 
     @staticmethod
     def voice_for(language: str) -> str:
-        return ESPEAK_VOICES.get(language, language)
+        """A whisper code ("en") maps to its espeak-ng voice ("en-us"); a full voice ("en-gb") is kept."""
+        return ESPEAK_VOICES.get(language.lower(), language)
 
     def _phonemize_span(self, espeak: _Espeak, span: str) -> str:
         out = _FLAGS_RE.sub("", espeak.ipa(span))  # language_switch="remove-flags"

@@ -41,7 +41,13 @@ class WhisperTextTokenizer:
         self.encoding = wt.get_encoding("multilingual", num_languages=num_languages)
         self.vocab_size = self.encoding.n_vocab  # 51865 with 99 languages
 
+    @staticmethod
+    def whisper_code(language: str) -> str:
+        """"en-us" / "en_GB" / "EN" -> "en" (whisper codes are bare ISO 639-1)."""
+        return language.replace("_", "-").split("-")[0].lower()
+
     def language_token(self, language: str) -> int:
+        language = self.whisper_code(language)
         if language not in self.languages:
             raise ValueError(f"unknown language {language!r}: whisper language codes are {self.languages}")
         return self.encoding.encode_single_token(f"<|{language}|>")

@@ -16,6 +16,8 @@ WEIGHTS_NAME = "model.safetensors"
 # Keys an official checkpoint may hold that a flexitrain codec does not load:
 # training-only REPA head, and the frozen SenseVoice teacher (loaded separately).
 DEFAULT_IGNORE = ("repa_mlp.*", "semantic_model.*")
+# Constant dummy buffers (zeros(1) / ones(1) for SenseVoice) that a checkpoint may omit.
+DEFAULT_ALLOW_MISSING = ("semantic_mean", "semantic_std")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -122,5 +124,5 @@ def import_official(weights: str | Path, config: dict, out_dir: str | Path,
     with torch.device("cpu"):
         model = FlexiCodec(**config)
     load_state_dict_strict(model, load_file(str(weights)), ignore=DEFAULT_IGNORE + tuple(extra_ignore),
-                           allow_missing=allow_missing, strip_prefix=strip_prefix)
+                           allow_missing=DEFAULT_ALLOW_MISSING + tuple(allow_missing), strip_prefix=strip_prefix)
     return save_pretrained(model, out_dir)

@@ -42,7 +42,16 @@ def time_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     if lengths is None:
         return x
     keep = torch.arange(x.shape[-1], device=x.device) < lengths.unsqueeze(1)
-    return x * keep.unsqueeze(1).to(x.dtype)
+    return x * keep.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]).to(x.dtype)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, T]`` → ``[B, C, 1, T]`` stored (B, T, C): the layout oneDNN convs run fastest in."""
+    return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+
+def from_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.squeeze(2).contiguous()
 
 
 def conv_out_length(lengths: torch.Tensor, conv: nn.Module) -> torch.Tensor:
@@ -83,15 +92,21 @@ class Encoder(nn.Module):
         self.block = nn.Sequential(*blocks)
         self.enc_dim = d_model
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None,
+                channels_last: bool = False) -> torch.Tensor:
         """``[B, 1, N]`` → ``[B, latent, N / hop]``. ``lengths`` (samples, multiples of the hop)
-        masks every conv input past each item's end (batched == one item at a time)."""
+        masks every conv input past each item's end (batched == one item at a time).
+        ``channels_last`` runs the convs in a faster layout (same math, different rounding)."""
+        if channels_last:
+            x = to_channels_last(x)
         if lengths is None:
-            return self.block(x)
-        x = self.block[0](time_mask(x, lengths))
-        for blk in self.block[1:-2]:
-            x, lengths = blk(x, lengths)
-        return self.block[-1](self.block[-2](time_mask(x, lengths)))
+            x = self.block(x)
+        else:
+            x = self.block[0](time_mask(x, lengths))
+            for blk in self.block[1:-2]:
+                x, lengths = blk(x, lengths)
+            x = self.block[-1](self.block[-2](time_mask(x, lengths)))
+        return from_channels_last(x) if channels_last else x
 
 
 class DecoderBlock(nn.Module):
@@ -128,14 +143,19 @@ class Decoder(nn.Module):
         layers += [Snake1d(output_dim), WNConv1d(output_dim, d_out, kernel_size=7, padding=3), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None,
+                channels_last: bool = False) -> torch.Tensor:
         """``[B, latent, T]`` → ``[B, 1, hop·T - δ]``; ``lengths`` (frames) masks padded frames."""
+        if channels_last:
+            x = to_channels_last(x)
         if lengths is None:
-            return self.model(x)
-        x = self.model[0](time_mask(x, lengths))
-        for blk in self.model[1:-3]:
-            x, lengths = blk(x, lengths)
-        return self.model[-1](self.model[-2](self.model[-3](time_mask(x, lengths))))
+            x = self.model(x)
+        else:
+            x = self.model[0](time_mask(x, lengths))
+            for blk in self.model[1:-3]:
+                x, lengths = blk(x, lengths)
+            x = self.model[-1](self.model[-2](self.model[-3](time_mask(x, lengths))))
+        return from_channels_last(x) if channels_last else x
 
 
 class DAC(nn.Module):

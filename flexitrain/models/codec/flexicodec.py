@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,12 @@ def _as_batch_audio(wav: torch.Tensor) -> torch.Tensor:
     if wav.dim() != 3 or wav.shape[1] != 1:
         raise ValueError(f"expected mono audio [N], [B, N] or [B, 1, N], got shape {tuple(wav.shape)}")
     return wav.float()
+
+
+def teacher_frames(num_samples: torch.Tensor) -> torch.Tensor:
+    """SenseVoice LFR frames for 16 kHz lengths: ceil(F / 6), F = 1 + (N - 400) // 160 kaldi frames."""
+    kaldi = 1 + torch.div(num_samples - 400, 160, rounding_mode="floor")
+    return torch.div(kaldi.clamp(min=0) + 5, 6, rounding_mode="floor")
 
 
 def resample(wav: torch.Tensor, lengths: torch.Tensor, orig_sr: int, new_sr: int):
@@ -216,6 +222,9 @@ class FlexiCodec(nn.Module):
         self.use_query_token_aggregator = use_query_token_aggregator
         self.decode_semantic_for_codec = decode_semantic_for_codec
         self.ssl_dim = ssl_dim
+        # DAC convs in the [B, C, 1, T] channels-last layout on the masked (new API) path: same math,
+        # ~1.1-1.3x faster with oneDNN, rounding differs (~1e-7); the official path keeps [B, C, T].
+        self.fast_conv_layout = True
 
         # Registration order follows the official module (state-dict key order).
         resolved_latent = latent_dim if latent_dim is not None else encoder_dim * 2 ** len(encoder_rates)
@@ -334,14 +343,12 @@ class FlexiCodec(nn.Module):
             audio_lengths = torch.full((B,), N, device=device, dtype=torch.long)
         if semantic_lengths is None:
             semantic_lengths = torch.full((B,), semantic.shape[-1], device=device, dtype=torch.long)
+        if bool((audio_lengths != N).any()):  # whatever the caller padded with, an item alone sees zeros
+            audio = audio * (torch.arange(N, device=device) < audio_lengths.unsqueeze(1)).unsqueeze(1)
         audio = self.dac.pad_to_hop(audio)
         padded_lengths = (audio_lengths + hop - 1) // hop * hop
-        ragged = bool((padded_lengths != audio.shape[-1]).any())
-        if ragged:  # zero past each item's end, then mask every conv input
-            keep = torch.arange(audio.shape[-1], device=device) < audio_lengths.unsqueeze(1)
-            acoustic = self.dac.encoder(audio * keep.unsqueeze(1), padded_lengths)
-        else:
-            acoustic = self.dac.encoder(audio)
+        ragged = bool((padded_lengths != audio.shape[-1]).any())  # then also mask every conv input
+        acoustic = self.dac.encoder(audio, padded_lengths if ragged else None, channels_last=self.fast_conv_layout)
         sem, sem_len = downsample_features_per_item(semantic, semantic_lengths, f)
         T = min(acoustic.shape[-1], sem.shape[-1])
         if T == 0 or bool((sem_len == 0).any()):
@@ -394,18 +401,20 @@ class FlexiCodec(nn.Module):
             return self.bottleneck_transformer(latent, frame_lengths)
         return self.bottleneck_transformer(latent)
 
-    def dac_decode(self, latent: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def dac_decode(self, latent: torch.Tensor, frame_lengths: torch.Tensor | None = None,
+                   channels_last: bool = False) -> torch.Tensor:
         """DAC decoder ``[B, latent, T]`` → ``[B, 1, hop·T - δ]``; with ``frame_lengths`` each item
         is decoded as if alone (masked convs, zero past its own output length)."""
-        audio = self.dac.decoder(latent, frame_lengths)
+        audio = self.dac.decoder(latent, frame_lengths, channels_last=channels_last)
         if frame_lengths is not None:
             valid = frame_lengths * self.hop_length + (audio.shape[-1] - self.hop_length * latent.shape[-1])
             audio = audio * (torch.arange(audio.shape[-1], device=audio.device) < valid.unsqueeze(1)).unsqueeze(1)
         return audio
 
-    def decode_latent(self, latent: torch.Tensor, frame_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_latent(self, latent: torch.Tensor, frame_lengths: torch.Tensor | None = None,
+                      channels_last: bool = False) -> torch.Tensor:
         """12.5 Hz latent ``[B, latent, T]`` → bottleneck → DAC decoder → ``[B, 1, hop·T - δ]``."""
-        return self.dac_decode(self.bottleneck(latent, frame_lengths), frame_lengths)
+        return self.dac_decode(self.bottleneck(latent, frame_lengths), frame_lengths, channels_last)
 
     # ------------------------------------------------------------------ inference API
     @torch.no_grad()
@@ -420,7 +429,8 @@ class FlexiCodec(nn.Module):
         where neighbour cosine similarity <= τ (1.0 = fixed 12.5 Hz). num_quantizers: total codebooks
         counting the FSQ one (1 = semantic only, None = all ``n_codebooks`` acoustic stages + FSQ).
         semantic_features: ``[B, 512, T_sem]`` teacher features at the teacher rate (else the
-        ``semantic_teacher`` is run); semantic_lengths: their valid lengths.
+        ``semantic_teacher`` is run); semantic_lengths: their valid lengths (default with ``lengths``:
+        the SenseVoice frame count of each item, ceil((1 + (N16 - 400) // 160) / 6)).
         use_padding_mask=False reproduces the official (unmasked) computation.
         """
         audio = _as_batch_audio(wav)
@@ -436,6 +446,8 @@ class FlexiCodec(nn.Module):
         semantic_features = semantic_features.to(device).float()
         if semantic_lengths is not None:
             semantic_lengths = torch.as_tensor(semantic_lengths, device=device).long()
+        elif use_padding_mask and lengths is not None:  # SenseVoice frames of each item (25/10 ms fbank, LFR 6)
+            semantic_lengths = teacher_frames(lengths16).clamp(max=semantic_features.shape[-1])
         if num_quantizers is not None and not 1 <= num_quantizers <= self.n_codebooks + 1:
             raise ValueError(f"num_quantizers must be in [1, {self.n_codebooks + 1}] or None")
 
@@ -490,7 +502,8 @@ class FlexiCodec(nn.Module):
             latent = semantic if acoustic is None else acoustic + semantic
         # Masks only matter when items end at different frames (the batch's longest needs none).
         ragged = use_padding_mask and bool((frame_lengths != latent.shape[-1]).any())
-        return self.decode_latent(latent, frame_lengths if ragged else None)
+        return self.decode_latent(latent, frame_lengths if ragged else None,
+                                  channels_last=use_padding_mask and self.fast_conv_layout)
 
     @torch.no_grad()
     def decode(self, tokens: CodecTokens, sample_rate: int | None = None, use_padding_mask: bool = True) -> CodecAudio:
@@ -533,6 +546,8 @@ class FlexiCodec(nn.Module):
         if semantic_features is None:
             lens = lengths if lengths is not None else torch.full((B,), N, dtype=torch.long, device=device)
             semantic_features, semantic_lengths = self._teacher_features(audio, lens)
+        elif semantic_lengths is None and lengths is not None and use_padding_mask:
+            semantic_lengths = teacher_frames(lengths).clamp(max=semantic_features.shape[-1])
         acoustic, semantic, frame_lengths = self.encode_frames(
             audio, semantic_features, lengths if use_padding_mask else None, semantic_lengths, use_padding_mask)
         T = acoustic.shape[-1]
@@ -560,7 +575,8 @@ class FlexiCodec(nn.Module):
             torch.arange(T, device=device) < frame_lengths.unsqueeze(1)
         ragged = use_padding_mask and frame_lengths is not None and bool((frame_lengths != T).any())
         bottleneck = self.bottleneck(latent, frame_lengths if ragged else None)
-        out = self.dac_decode(bottleneck, frame_lengths if ragged else None)
+        out = self.dac_decode(bottleneck, frame_lengths if ragged else None,
+                              channels_last=use_padding_mask and self.fast_conv_layout)
         out = F.pad(out, (0, max(0, N - out.shape[-1])))[..., :N]
         if lengths is not None and use_padding_mask:
             out = out * (torch.arange(N, device=device) < lengths.unsqueeze(1)).unsqueeze(1)

@@ -42,6 +42,17 @@ class _WeightNormMixin:
             self.__dict__["_folded"] = cache
         return cache[1]
 
+    def weight_2d(self) -> torch.Tensor:
+        """The weight as a channels-last ``[*, *, 1, k]`` conv2d kernel (for ``[B, C, 1, T]`` inputs)."""
+        w = self.weight
+        if torch.is_grad_enabled():
+            return w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        cache = self.__dict__.get("_folded_2d")
+        if cache is None or cache[0] is not w:
+            cache = (w, w.unsqueeze(2).contiguous(memory_format=torch.channels_last))
+            self.__dict__["_folded_2d"] = cache
+        return cache[1]
+
 
 class WNConv1d(_WeightNormMixin, nn.Module):
     """``weight_norm(nn.Conv1d(...))`` with the same keys and numerics."""
@@ -58,6 +69,9 @@ class WNConv1d(_WeightNormMixin, nn.Module):
         self._init_weight_norm(conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # [B, C, 1, T] channels-last fast path (oneDNN runs it without reorders)
+            return F.conv2d(x, self.weight_2d(), self.bias, (1, self.stride), (0, self.padding),
+                            (1, self.dilation), self.groups)
         return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
@@ -79,6 +93,8 @@ class WNConvTranspose1d(_WeightNormMixin, nn.Module):
         self._init_weight_norm(conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return F.conv_transpose2d(x, self.weight_2d(), self.bias, (1, self.stride), (0, self.padding))
         return F.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
@@ -92,6 +108,8 @@ def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     Under no_grad it runs in place on one temporary, which halves the memory traffic
     of the five element-wise passes; with autograd it uses the plain expression.
     """
+    if x.dim() != alpha.dim():  # [B, C, 1, T] layout
+        alpha = alpha.view(1, -1, *([1] * (x.dim() - 2)))
     inv = (alpha + 1e-9).reciprocal()
     if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
         return x + inv * torch.sin(alpha * x).pow(2)

@@ -1,0 +1,122 @@
+"""AR TTS throughput: training (teacher-forced fwd + bwd + AdamW step) and KV-cached sampling, in
+speech tokens per second, on CPU or GPU.
+
+    python tools/bench_ar_tts.py --config tiny --device cpu
+    python tools/bench_ar_tts.py --config released --device cuda --batch 16 --speech-len 250 --precision bf16
+
+Random weights and inputs (speed does not depend on the values). Sampling runs with EOS disabled up to
+--gen-tokens so every run decodes the same number of tokens; `--no-cache` measures full recomputation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flexitrain.models.tts.ar_tts import ARTTSModel, released_config, tiny_config  # noqa: E402
+from flexitrain.models.tts.sampling import SamplingConfig, generate  # noqa: E402
+
+PRESETS = {
+    "released": released_config,
+    "tiny": lambda: {**tiny_config(), "text_token_size": 51866, "speech_token_size": 32768},
+    "small": lambda: {**released_config(), "text_encoder_dim": 512, "llm_dim": 512, "text_encoder_ffn": 1536,
+                      "llm_ffn": 2048, "llm_blocks": 8, "text_encoder_blocks": 2},
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(model, device, batch, text_len, speech_len, steps, dtype):
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    text = torch.randint(1, 50000, (batch, text_len), device=device)
+    speech = torch.randint(0, model.speech_token_size, (batch, speech_len), device=device)
+    dur = torch.randint(1, 9, (batch, speech_len), device=device)
+    tl = torch.full((batch,), text_len, device=device)
+    sl = torch.full((batch,), speech_len, device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(text, tl, speech, sl, dur, framerate=0.91)
+        opt.zero_grad(set_to_none=True)
+        out.total_loss.backward()
+        opt.step()
+
+    step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t) / steps
+    return {"step_s": round(dt, 4), "speech_tokens_per_s": round(batch * speech_len / dt, 1),
+            "lm_positions_per_s": round(batch * (3 + text_len + speech_len) / dt, 1)}
+
+
+def bench_sampling(model, device, text_len, prompt_len, gen_tokens, use_cache, dtype):
+    model.eval()
+    text = torch.randint(1, 50000, (1, text_len), device=device)
+    prompt = torch.randint(0, model.speech_token_size, (1, prompt_len), device=device)
+    pdur = torch.randint(1, 9, (1, prompt_len), device=device)
+    cfg = SamplingConfig(top_k=25, max_token_text_ratio=1e9, min_token_text_ratio=1e9, max_tokens=gen_tokens,
+                         use_cache=use_cache)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        generate(model, text, 0.91, None, prompt, pdur, SamplingConfig(max_tokens=4, min_token_text_ratio=1e9),
+                 generator=g)  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        res = generate(model, text, 0.91, None, prompt, pdur, cfg, generator=g)
+        sync(device)
+    dt = time.perf_counter() - t
+    n = res.tokens.size(1)
+    return {"tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1), "kv_cache": use_cache}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--text-len", type=int, default=60)
+    p.add_argument("--speech-len", type=int, default=100, help="speech tokens per item (8.3 Hz: 100 = 12 s)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=25)
+    p.add_argument("--gen-tokens", type=int, default=100)
+    p.add_argument("--no-cache", action="store_true", help="also time full recomputation")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-train", action="store_true", help="sampling only (e.g. the released size on a small CPU)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    model = ARTTSModel(**PRESETS[args.config]()).to(device)
+    report = {"config": args.config, "device": str(device), "precision": args.precision,
+              "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
+              "sampling": bench_sampling(model, device, args.text_len, args.prompt_len, args.gen_tokens, True, dtype)}
+    if not args.skip_train:
+        report["train"] = bench_train(model, device, args.batch, args.text_len, args.speech_len, args.steps, dtype)
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+    if args.no_cache:
+        report["sampling_no_cache"] = bench_sampling(model, device, args.text_len, args.prompt_len,
+                                                     args.gen_tokens, False, dtype)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
