@@ -158,7 +158,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     save_file(state, str(tmp_path / "artts.safetensors"))
     with pytest.raises(ValueError, match=r"shape mismatch \(6\).*llm.encoders.0.feed_forward.w_1.weight"):
         load_ar_weights(model, tmp_path / "artts.safetensors")
-    state = {"transformer_lm." + k: v.contiguous() for k, v in model.state_dict().items() if "duration_decoder" not in k}
+    state = {"transformer_lm." + k: v.contiguous() for k, v in model.state_dict().items()
+             if "duration_decoder" not in k}
     save_file(state, str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match=r"missing \(2\)"):
         load_ar_weights(model, tmp_path / "missing.safetensors")

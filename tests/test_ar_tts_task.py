@@ -173,3 +173,30 @@ def test_shard_without_tokens_and_bad_config(tmp_path):
         ARTTSTask(MODEL, targets={"source": "codec"})
     with pytest.raises(ValueError, match="frame-rate options"):
         ARTTSTask(MODEL, targets={"source": "shards", "thresholds": [1.0]})
+
+
+def test_lightning_fit_and_resume(tmp_path, one_thread):
+    import lightning as L
+
+    from flexitrain.tasks.ar_tts_data import ARTTSDataModule
+
+    src = write_corpus(tmp_path / "raw", n=4)
+    dm = ARTTSDataModule(str(src / "shard-000000.tar"), str(src / "shard-000000.tar"), source="codec",
+                         token_budget=400, max_batch_size=2, buffer_size=4, num_workers=0, g2p=False)
+
+    def fit(steps, ckpt=None):
+        task = ARTTSTask(MODEL, targets={"source": "codec", "thresholds": [0.86, 0.91]}, codec=FakeCodec(),
+                         scheduler={"warmup_steps": 2, "total_steps": 4})
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=1, val_check_interval=2,
+                            default_root_dir=str(tmp_path), enable_checkpointing=False)
+        trainer.fit(task, datamodule=dm, ckpt_path=ckpt)
+        return trainer, task
+
+    trainer, task = fit(2)
+    assert trainer.global_step == 2 and "val/loss" in trainer.callback_metrics
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    state = torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"]
+    assert all(k.startswith("model.") for k in state)  # the frozen codec is not saved
+    trainer2, task2 = fit(3, str(tmp_path / "a.ckpt"))
+    assert trainer2.global_step == 3

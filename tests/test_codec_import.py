@@ -64,6 +64,8 @@ def test_import_fp16_roundtrip(tmp_path, official):
         assert loaded[k].dtype == torch.float32
         assert torch.equal(loaded[k], v.half().float()), k
     assert not model.training and model.config["n_codebooks"] == config["n_codebooks"]
+    again = FlexiCodec.from_pretrained(model.save_pretrained(tmp_path / "again"))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in loaded.items())
 
 
 def test_import_errors_name_every_bad_key(tmp_path, official, capsys):

@@ -36,8 +36,8 @@ def test_whisper_bpe_matches_official(cases):
 
 
 @requires_whisper
-@pytest.mark.parametrize("ipa", ["ðə kwˈɪk bɹˈaʊn fˈɑːks", "həloυ wə~ld, ðιs ιz a tεst.", "ʃˈiː sˈɛlz ʃˈɛlz",
-                                 "bɔ̃ʒˈuʁ lə wiːkˈɛnd", "ɕiɛ˥˩ ɕiɛ"])
+@pytest.mark.parametrize("ipa", ["ðə kwˈɪk bɹˈaʊn fˈɑːks", "həloυ wə~ld, ðιs ιz a tεst.",
+                                 "ʃˈiː sˈɛlz ʃˈɛlz", "bɔ̃ʒˈuʁ lə wiːkˈɛnd", "ɕiɛ˥˩ ɕiɛ"])
 def test_bpe_round_trip_on_ipa(ipa):
     from flexitrain.text import WhisperTextTokenizer
 

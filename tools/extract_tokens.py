@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     src = Path(args.shards)
-    shards = sorted(src.glob("*.tar")) if src.is_dir() else [src]
+    shards = sorted(src.glob("*.tar")) if src.is_dir() else [src] if src.is_file() else []
     if not shards:
         raise SystemExit(f"no .tar shards under {src}")
     teacher_cfg = None

@@ -111,7 +111,7 @@ def collect(sweep_dir: Path) -> list[dict]:
         resolved = trial / "config.yaml"
         if resolved.is_file():
             out_dir = ((yaml.safe_load(resolved.read_text()) or {}).get("paths") or {}).get("output_dir")
-            if out_dir and Path(out_dir).is_dir():
+            if out_dir and Path(out_dir).is_absolute() and Path(out_dir).is_dir():
                 run_dir = Path(out_dir)
         row["run_dir"] = str(run_dir)
         row["metrics"] = {}

@@ -165,8 +165,13 @@ class AudioDataModule(pl.LightningDataModule):
             raise RuntimeError(f"no {split} data: set data.{split}_shards (and call setup())")
         trainer = getattr(self, "trainer", None)
         epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
-        return AudioLoader(self.datasets[split], epoch_fn=epoch_fn, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False)
+        skip_fn = None
+        if split == "train" and trainer is not None:
+            # Protocol: a LightningModule may expose `consume_resume_skip()` -> batches of the current
+            # epoch it had already trained on when its checkpoint was written (0 otherwise).
+            skip_fn = lambda: getattr(trainer.lightning_module, "consume_resume_skip", lambda: 0)()  # noqa: E731
+        return AudioLoader(self.datasets[split], epoch_fn=epoch_fn, skip_fn=skip_fn, num_workers=self.num_workers,
+                           pin_memory=self.pin_memory, persistent_workers=False)
 
     def train_dataloader(self):
         return self._loader("train")

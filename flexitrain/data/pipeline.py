@@ -19,6 +19,7 @@ tar reader (`iter_shard`) that counts empty and broken shards instead of raising
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import math
@@ -269,10 +270,13 @@ class AudioLoader(DataLoader):
     and sets the dataset's epoch before each pass, from `epoch_fn` (e.g. the trainer's epoch, so
     a resumed run does not replay epoch 0) or by counting passes."""
 
-    def __init__(self, dataset, epoch_fn=None, **kw):
+    def __init__(self, dataset, epoch_fn=None, skip_fn=None, **kw):
         kw.setdefault("collate_fn", _as_is)  # batches are ready; default_convert would walk every string
+        # Worker base seeds from a private generator: starting a pass never advances the global torch RNG,
+        # so training randomness is identical whether or not a run was resumed (datasets seed themselves).
+        kw.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_size=None, **kw)
-        self._epoch_fn, self._passes = epoch_fn, 0
+        self._epoch_fn, self._skip_fn, self._passes = epoch_fn, skip_fn, 0
         self.pool = None
         if self.num_workers > 0 and hasattr(dataset, "max_batch_numel"):
             slots = (self.prefetch_factor or 2) + 1  # the batches a worker may have queued, +1 in the making
@@ -283,6 +287,12 @@ class AudioLoader(DataLoader):
                 log.info("shared memory too small for a %.0f MB batch pool; using per-batch tensors", need / 2**20)
             dataset.pool = self.pool
 
+    def _epoch_len(self) -> int:
+        try:
+            return len(self)
+        except TypeError:
+            return 1 << 62
+
     def __iter__(self):
         if hasattr(self.dataset, "set_epoch"):
             epoch = self._epoch_fn() if self._epoch_fn is not None else None
@@ -292,7 +302,12 @@ class AudioLoader(DataLoader):
         if pool is not None:
             pool.reset()  # slots of an abandoned earlier pass
         pin = self.pin_memory and torch.cuda.is_available()
-        return (finalize_batch(batch, pool, pin) for batch in super().__iter__())
+        batches = (finalize_batch(batch, pool, pin) for batch in super().__iter__())
+        skip = self._skip_fn() if self._skip_fn is not None else 0
+        if skip >= self._epoch_len():
+            skip = 0  # the checkpoint closed its epoch: this pass is the next epoch, from its start
+        # A run resumed mid-epoch replays the epoch's (deterministic) stream up to where it stopped.
+        return itertools.islice(batches, skip, None) if skip else batches
 
 
 def _as_is(batch):

@@ -24,7 +24,8 @@ class ARTTSTask(L.LightningModule):
                  scheduler: dict | None = None, grad_clip: float | None = 1.0, seed: int = 0,
                  codec=None, teacher=None):
         """model: ARTTSModel arguments. targets: {source: shards|codec, thresholds: [...], codec_ckpt |
-        codec_model (+ codec_seed), teacher, cache (source=codec: keep each utterance's targets in memory)}. codec/teacher: already built frozen objects (tests, notebooks) instead of codec_ckpt."""
+        codec_model (+ codec_seed), teacher, cache (source=codec: keep each utterance's targets in memory)}.
+        codec/teacher: already built frozen objects (tests, notebooks) instead of codec_ckpt."""
         super().__init__()
         self.save_hyperparameters(ignore=["codec", "teacher"])
         model = {k: v for k, v in dict(model).items() if not k.startswith("_")}

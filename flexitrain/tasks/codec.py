@@ -92,6 +92,10 @@ class CodecTask(L.LightningModule):
         self._rng = random.Random(0)  # reseeded per rank in setup(): τ and bypass draws differ across ranks
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._micro = 0
+        self._epoch_batches = 0      # training batches consumed in the current epoch (checkpointed)
+        self._resume_skip = 0        # batches the data loader skips after a mid-epoch resume
+        self._pending_rng = None     # torch RNG state restored at the first step after a resume
+        self._val_rng = None
 
     # ---------------------------------------------------------------- setup
     @property
@@ -171,7 +175,19 @@ class CodecTask(L.LightningModule):
     def _clip(self, params) -> Tensor:
         return torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
 
+    def on_train_epoch_end(self) -> None:
+        self._epoch_batches = 0
+
+    def consume_resume_skip(self) -> int:
+        """Called by the data loader when a training pass starts (see AudioDataModule)."""
+        skip, self._resume_skip = self._resume_skip, 0
+        return skip
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # restored here, after everything that ran since the load
+            torch.set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        self._epoch_batches += 1
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
         threshold = self.sample_threshold()
@@ -224,7 +240,18 @@ class CodecTask(L.LightningModule):
         self.log("loss_mel", term_logs["mel"], prog_bar=True, logger=False)
 
     # ---------------------------------------------------------------- validation
+    # Validation must not consume the training RNG stream: a resumed run replays exactly the same steps.
+    def on_validation_start(self) -> None:
+        self._val_rng = torch.get_rng_state()
+
+    def on_validation_end(self) -> None:
+        if self._val_rng is not None:
+            torch.set_rng_state(self._val_rng)
+            self._val_rng = None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch.get("duplicate"):  # padding batch that evens out ranks: already counted elsewhere
+            return
         audio, lengths = batch["audio"], batch["lengths"]
         sr = self.generator.sample_rate
         semantic, semantic_lengths = self.teacher_features(audio, lengths)
@@ -268,15 +295,19 @@ class CodecTask(L.LightningModule):
             "rng_python": self._rng.getstate(),
             "rng_torch": torch.get_rng_state(),
             "micro_step": self._micro,
+            "epoch_batches": self._epoch_batches,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("flexitrain")
         if state:
             self._rng.setstate(state["rng_python"])
-            torch.set_rng_state(state["rng_torch"])
+            self._pending_rng = state["rng_torch"]
             self._micro = int(state["micro_step"])
+            self._epoch_batches = self._resume_skip = int(state["epoch_batches"])
 
     def export_generator(self, path: str) -> None:
         """Write a generator-only inference checkpoint that `FlexiCodec.from_pretrained` loads."""
-        self.generator.save_pretrained(path)
+        from flexitrain.models.codec.checkpoint import save_pretrained
+
+        save_pretrained(self.generator, path)

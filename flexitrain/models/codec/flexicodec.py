@@ -5,7 +5,11 @@ Constructor arguments and state-dict keys are the official ones. Two ways to run
 - ``use_padding_mask=False`` reproduces the official computation exactly (no attention masks,
   batch-level interpolation of teacher features); the parity tool uses it.
 - ``use_padding_mask=True`` (default of the public API) masks padding everywhere (DAC convs,
-  ConvNeXt, aggregators, bottleneck), so a batched item gives the same codes as the item alone.
+  ConvNeXt, aggregators, bottleneck), so a batched item gives the same codes as the item alone,
+  and runs the DAC in a faster memory layout.
+
+Host syncs per call (not per item): the number of tokens G (tensor sizes depend on it), and a
+few "is the batch ragged?" checks that skip masking work when every item has the same length.
 
 Data flow (16 kHz, hop 1280 → 12.5 Hz frames): DAC encoder → acoustic frames; teacher features
 (SenseVoice, 16.67 Hz) → interpolated to 12.5 Hz; neighbour-similarity merging → groups;
@@ -101,10 +105,15 @@ def _as_batch_audio(wav: torch.Tensor) -> torch.Tensor:
     return wav.float()
 
 
+def _no_autocast(x: torch.Tensor):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def teacher_frames(num_samples: torch.Tensor) -> torch.Tensor:
-    """SenseVoice LFR frames for 16 kHz lengths: ceil(F / 6), F = 1 + (N - 400) // 160 kaldi frames."""
+    """SenseVoice LFR frames for 16 kHz lengths: ceil(F / 6), F = 1 + (N - 400) // 160 kaldi frames
+    (1 below 400 samples, where the fbank window shrinks)."""
     kaldi = 1 + torch.div(num_samples - 400, 160, rounding_mode="floor")
-    return torch.div(kaldi.clamp(min=0) + 5, 6, rounding_mode="floor")
+    return torch.div(kaldi.clamp(min=1) + 5, 6, rounding_mode="floor")
 
 
 def resample(wav: torch.Tensor, lengths: torch.Tensor, orig_sr: int, new_sr: int):
@@ -114,7 +123,8 @@ def resample(wav: torch.Tensor, lengths: torch.Tensor, orig_sr: int, new_sr: int
     import numpy as np
     import soxr
 
-    x = wav[:, 0].detach().cpu().numpy().T.astype(np.float32)  # [N, B]
+    keep_in = torch.arange(wav.shape[-1], device=wav.device) < lengths.to(wav.device).unsqueeze(1)
+    x = np.ascontiguousarray((wav[:, 0] * keep_in).detach().float().cpu().numpy().T)  # [N, B], zero-padded
     y = soxr.resample(x, orig_sr, new_sr, quality="HQ")
     if y.ndim == 1:
         y = y[:, None]
@@ -223,7 +233,8 @@ class FlexiCodec(nn.Module):
         self.decode_semantic_for_codec = decode_semantic_for_codec
         self.ssl_dim = ssl_dim
         # DAC convs in the [B, C, 1, T] channels-last layout on the masked (new API) path: same math,
-        # ~1.1-1.3x faster with oneDNN, rounding differs (~1e-7); the official path keeps [B, C, T].
+        # ~1.3x faster with oneDNN (no layout reorders, 1x1 conv + residual as one GEMM); rounding
+        # differs (~1e-7). The official-compatible path (use_padding_mask=False) keeps [B, C, T].
         self.fast_conv_layout = True
 
         # Registration order follows the official module (state-dict key order).
@@ -282,6 +293,12 @@ class FlexiCodec(nn.Module):
     def codec_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict without the frozen teacher (``semantic_model.*``): what checkpoints store."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("semantic_model.")}
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a checkpoint directory (``config.yaml`` + ``model.safetensors``, teacher excluded)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, semantic_teacher: nn.Module | None = None,
@@ -388,7 +405,8 @@ class FlexiCodec(nn.Module):
         """ConvNeXt encoder → FSQ → ConvNeXt decoder: ``(codes [B, C, G] int32, quantised, decoded [B, latent, G])``."""
         mask = None if group_mask is None else group_mask.unsqueeze(1).to(semantic_tokens.dtype)
         x = self._run_convnext(self.convnext_encoder, semantic_tokens, mask)
-        quantized, codes = self.semantic_vq(x)
+        with _no_autocast(x):  # code decisions in fp32 even under bf16 autocast
+            quantized, codes = self.semantic_vq(x.float())
         decoded = self._run_convnext(self.convnext_decoder, quantized, mask) if self.decode_semantic_for_codec \
             else quantized
         return codes, quantized, decoded
@@ -462,7 +480,8 @@ class FlexiCodec(nn.Module):
         n_acoustic = self.n_codebooks if num_quantizers is None else num_quantizers - 1
         acoustic_codes = None
         if n_acoustic > 0:
-            acoustic_codes = self.dac.quantizer(ac_tokens - sem_decoded, n_acoustic).codes
+            with _no_autocast(ac_tokens):
+                acoustic_codes = self.dac.quantizer((ac_tokens - sem_decoded).float(), n_acoustic).codes
 
         valid = grouping.group_mask
         token_lengths = grouping.token_lengths * valid
@@ -510,7 +529,7 @@ class FlexiCodec(nn.Module):
         """Tokens → waveform at ``sample_rate`` (default: the encoded input's rate), each item
         trimmed (or zero-padded) to its input length."""
         audio = self.decode_codes(tokens.semantic_codes, tokens.acoustic_codes, tokens.token_lengths,
-                                  use_padding_mask)
+                                  use_padding_mask).float()
         B = audio.shape[0]
         lengths16 = torch.round(tokens.num_samples.double() * self.sample_rate / tokens.sample_rate).long()
         n16 = int(lengths16.max()) if B else 0
@@ -566,7 +585,8 @@ class FlexiCodec(nn.Module):
         zero = audio.new_zeros(())
         commitment, codebook, acoustic_codes, n_q = zero, zero, None, None
         if not bypass_quantize:
-            rvq = self.dac.quantizer(ac_tokens - sem_decoded, n_quantizers, dropout=quantizer_dropout)
+            with _no_autocast(ac_tokens):
+                rvq = self.dac.quantizer((ac_tokens - sem_decoded).float(), n_quantizers, dropout=quantizer_dropout)
             commitment, codebook, acoustic_codes, n_q = rvq.commitment_loss, rvq.codebook_loss, rvq.codes, rvq.n_quantizers
             acoustic_latent = expand_groups(rvq.quantized, f2g) if self.use_similarity_alignment else rvq.quantized
             latent = acoustic_latent + latent

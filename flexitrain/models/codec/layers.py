@@ -70,8 +70,9 @@ class WNConv1d(_WeightNormMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # [B, C, 1, T] channels-last fast path (oneDNN runs it without reorders)
-            return F.conv2d(x, self.weight_2d(), self.bias, (1, self.stride), (0, self.padding),
-                            (1, self.dilation), self.groups)
+            y = F.conv2d(x, self.weight_2d(), self.bias, (1, self.stride), (0, self.padding),
+                         (1, self.dilation), self.groups)
+            return y.contiguous(memory_format=torch.channels_last)  # a 1-channel input gives NCHW
         return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:

@@ -163,17 +163,18 @@ class ARTTSModel(nn.Module):
         # Scatter every piece to its position (no per-item loops).
         lengths = 3 + text_lengths + speech_lengths
         n = int(lengths.max())
-        lm_input = torch.full((b, n, self.llm_dim), float(IGNORE_ID), device=device, dtype=text_emb.dtype)
+        dtype = text_emb.dtype  # under autocast the pieces come in several dtypes: one for the sequence
+        lm_input = torch.full((b, n, self.llm_dim), float(IGNORE_ID), device=device, dtype=dtype)
         rows = torch.arange(b, device=device).unsqueeze(1)
-        lm_input[:, 0] = self.llm_embedding.weight[SOS_EOS]
-        lm_input[:, 1] = self.framerate_slot(framerate, b, device)[:, 0]
+        lm_input[:, 0] = self.llm_embedding.weight[SOS_EOS].to(dtype)
+        lm_input[:, 1] = self.framerate_slot(framerate, b, device)[:, 0].to(dtype)
         text_pos = 2 + torch.arange(text.size(1), device=device).expand(b, -1)
         lm_input[rows.expand_as(text_pos)[text_valid], text_pos[text_valid]] = text_emb[text_valid]
         task_pos = 2 + text_lengths
-        lm_input[torch.arange(b, device=device), task_pos] = self.llm_embedding.weight[TASK_ID]
+        lm_input[torch.arange(b, device=device), task_pos] = self.llm_embedding.weight[TASK_ID].to(dtype)
         speech_pos = (task_pos + 1).unsqueeze(1) + torch.arange(speech.size(1), device=device)
         speech_rows = rows.expand_as(speech_pos)[speech_valid]
-        lm_input[speech_rows, speech_pos[speech_valid]] = speech_emb[speech_valid]
+        lm_input[speech_rows, speech_pos[speech_valid]] = speech_emb[speech_valid].to(dtype)
 
         # Targets: s_{j+1} at the position of s_j (TASK predicts s_1), EOS after the last token.
         targets = torch.full((b, n), IGNORE_ID, dtype=torch.long, device=device)
@@ -209,13 +210,14 @@ class ARTTSModel(nn.Module):
         _, text_emb = self.encode_text(text, torch.tensor([text.size(1)], device=device))
         pieces = [self.llm_embedding.weight[SOS_EOS].view(1, 1, -1), self.framerate_slot(framerate, 1, device),
                   text_emb, self.llm_embedding.weight[TASK_ID].view(1, 1, -1)]
+        pieces = [p.to(text_emb.dtype) for p in pieces]
         if prompt_tokens is not None and prompt_tokens.numel():
             previous = None
             if self.use_duration_conditioning:
                 if prompt_durations is None or prompt_durations.shape != prompt_tokens.shape:
                     raise ValueError("prompt_durations [1, P] are required with duration conditioning")
                 previous = F.pad(prompt_durations[:, :-1], (1, 0))
-            pieces.append(self.speech_inputs(prompt_tokens, previous))
+            pieces.append(self.speech_inputs(prompt_tokens, previous).to(text_emb.dtype))
         return torch.cat(pieces, dim=1)
 
     def step(self, lm_input: torch.Tensor, cache: list[LayerCache] | None

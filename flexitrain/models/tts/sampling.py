@@ -123,7 +123,7 @@ def generate(model: ARTTSModel, text: torch.Tensor, framerate: float | None,
             break
         tokens.append(token)
         cond = torch.tensor([[previous_duration]], device=text.device)
-        new_input = model.speech_inputs(torch.tensor([[token]], device=text.device), cond)
+        new_input = model.speech_inputs(torch.tensor([[token]], device=text.device), cond).to(prefix.dtype)
         inputs.append(new_input)
     if len(durations) < len(tokens):  # stopped by the length cap: one more step for the last duration
         durations.append(predict_duration(advance(new_input)))
