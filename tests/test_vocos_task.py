@@ -72,3 +72,12 @@ def test_gan_step_from_16k_data_updates_generator_and_discriminator():
 def test_rejects_a_non_24k_vocoder():
     with pytest.raises(ValueError, match="24 kHz"):
         VocosTask(model={**TINY_VOCOS, "sample_rate": 16000})
+
+
+def test_hparams_from_hydra_configs_load_weights_only(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": TINY_VOCOS, **SMALL})
+    task = VocosTask(model=cfg.model, discriminator=cfg.discriminator, mel_loss=cfg.mel_loss)
+    torch.save({"hyper_parameters": dict(task.hparams)}, tmp_path / "h.ckpt")
+    assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["discriminator"]["periods"] == [2]

@@ -131,3 +131,12 @@ def test_pre_extracted_merged_codes_are_expanded():
     batch["token_lengths"] = torch.tensor([[8, 4, 4], [10, 6, 0]])
     codes = task.targets(batch, 0.91)["codes"]
     assert codes.shape == (2, 16) and codes[0, 8:12].tolist() == [2] * 4 and codes[1, 10:].tolist() == [5] * 6
+
+
+def test_hparams_from_hydra_configs_load_weights_only(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": asdict(TINY_CONFIG), "thresholds": [0.91, 0.86], "optimizer": {"betas": [0.9, 0.99]}})
+    task = VoiceboxTask(model=cfg.model, thresholds=cfg.thresholds, optimizer=cfg.optimizer)
+    torch.save({"hyper_parameters": dict(task.hparams)}, tmp_path / "h.ckpt")
+    assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["thresholds"] == [0.91, 0.86]

@@ -40,7 +40,10 @@ class VocosTask(L.LightningModule):
                  validation: dict | None = None):
         super().__init__()
         self.automatic_optimization = False
-        model = _plain(model)
+        # Plain containers only: checkpoints must load with torch.load(weights_only=True).
+        model, discriminator, mel_loss, loss_weights = _plain(model), _plain(discriminator), _plain(mel_loss), \
+            _plain(loss_weights)
+        optimizer, scheduler, validation = _plain(optimizer), _plain(scheduler), _plain(validation)
         self.save_hyperparameters()
         self.generator = instantiate(model) if "_target_" in model else Vocos(**model)
         if self.generator.sample_rate != SAMPLE_RATE or self.generator.hop_size != 480:

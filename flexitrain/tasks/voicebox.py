@@ -142,7 +142,9 @@ class VoiceboxTask(L.LightningModule):
                  official_mask_units: bool = False, optimizer: dict | None = None, scheduler: dict | None = None,
                  grad_clip: float | None = 1.0, validation: dict | None = None):
         super().__init__()
-        model, codec, teacher = _plain(model), _plain(codec), _plain(teacher)
+        # Plain containers only: checkpoints must load with torch.load(weights_only=True).
+        model, codec, teacher, thresholds = _plain(model), _plain(codec), _plain(teacher), list(_plain(thresholds))
+        optimizer, scheduler, validation = _plain(optimizer), _plain(scheduler), _plain(validation)
         self.save_hyperparameters()
         self.nar = instantiate(model) if "_target_" in model else VoiceboxNAR(**model)
         self.use_repa = bool(use_repa)
