@@ -231,7 +231,7 @@ if SLURM_TASK == "demo":
     MAX_STEPS, CKPT_EVERY, LOSS_KEY = 12, 4, "train/loss_g"
     TASK = ["validate_first=false", "trainer.val_check_interval=100000", "data.epoch_samples=64",
             "data.train_crop_seconds=0.5", "data.batch_seconds=1.0", "data.max_batch_size=2", "data.num_workers=1",
-            f"paths.data_dir={REPO / 'data'}", "torch_threads=1"]
+            f"paths.data_dir={REPO / 'data'}", "++torch_threads=1"]
 else:
     MAX_STEPS, CKPT_EVERY, LOSS_KEY = 24, 8, "train/loss"
     TASK = ["task._target_=test_slurm.TinyTask", "+task.step_seconds=0.4", "data._target_=test_slurm.TinyData",
