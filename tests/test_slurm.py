@@ -8,6 +8,8 @@ Real-scheduler checks (`make test-slurm`, marker `slurm`): tools/slurm_local.sh 
 requeue it hard (`scontrol requeue`: SIGTERM, no checkpoint -> back from the last periodic checkpoint), and each
 time the run must finish with the same final step and per-step losses as the uninterrupted run; (c) a 2-trial
 Hydra multirun through the submitit SLURM launcher, summarised by tools/sweep_report.py.
+They train the tiny demo codec (FLEXITRAIN_SLURM_TASK=standin: a linear stand-in, for the scheduler plumbing
+alone) and take about 3 min on 2 cores plus the cluster's first start (apt install, ~10 s).
 """
 from __future__ import annotations
 
@@ -226,7 +228,7 @@ def cluster():
 
 # The run every real-cluster test trains: the demo recipe, tiny. FLEXITRAIN_SLURM_TASK=standin swaps in TinyTask
 # (a linear model, 0.4 s a step) to test the scheduler plumbing alone; `demo` trains the real tiny codec.
-SLURM_TASK = os.environ.get("FLEXITRAIN_SLURM_TASK", "standin")
+SLURM_TASK = os.environ.get("FLEXITRAIN_SLURM_TASK", "demo")
 if SLURM_TASK == "demo":
     MAX_STEPS, CKPT_EVERY, LOSS_KEY = 12, 4, "train/loss_g"
     TASK = ["validate_first=false", "trainer.val_check_interval=100000", "data.epoch_samples=64",
@@ -371,3 +373,41 @@ def test_c_submitit_multirun_and_sweep_report(cluster, demo_corpus, tmp_path):
     assert (out / "sweep.png").stat().st_size > 0
     assert (out / "sweep.md").read_text().count("| finished |") == 2
     print(f"[slurm] 2-trial submitit multirun + report: {time.time() - t0:.1f} s")
+
+
+# ---------------------------------------------------------------- sweep and launcher configs (default suite)
+SWEEPS = sorted(p.stem for p in (REPO / "configs" / "sweep").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_config_sweeps_existing_keys(name):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from flexitrain.utils.config import compose
+
+    cfg = compose(["recipe=codec_12hz", f"+sweep={name}", "hydra/launcher=slurm"])
+    params = cfg.hydra.sweeper.params
+    assert params, name
+    parser = OverridesParser.create()
+    for key, values in params.items():
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", f"{name}: {key} not in the config"
+        swept = list(parser.parse_override(f"{key}={values}").sweep_string_iterator())
+        assert len(swept) >= 2, (key, swept)
+    # a trial's run directory is Hydra's trial directory (stable across requeues and re-launches)
+    assert OmegaConf.to_container(cfg)["run_name"] == f"sweep_{name}/" + "${hydra:job.num}"
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+
+
+def test_slurm_launcher_takes_resources_from_the_slurm_block():
+    from flexitrain.utils.config import compose
+
+    cfg = compose(["recipe=codec_demo", "hydra/launcher=slurm", "++slurm.partition=gpu", "++slurm.account=proj",
+                   "++slurm.gpus_per_node=4", "++slurm.tasks_per_node=4", "++slurm.time_min=90"])
+    launcher = cfg.hydra.launcher
+    assert (launcher.partition, launcher.account, launcher.gpus_per_node, launcher.tasks_per_node,
+            launcher.timeout_min) == ("gpu", "proj", 4, 4, 90)
+    assert launcher.additional_parameters.requeue is True
+    bare = compose(["recipe=codec_demo", "hydra/launcher=slurm"]).hydra.launcher  # without a slurm block
+    assert (bare.partition, bare.tasks_per_node, bare.timeout_min) == (None, 1, 1440)

@@ -136,7 +136,8 @@ def test_pre_extracted_merged_codes_are_expanded():
 def test_hparams_from_hydra_configs_load_weights_only(tmp_path):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"model": asdict(TINY_CONFIG), "thresholds": [0.91, 0.86], "optimizer": {"betas": [0.9, 0.99]}})
+    cfg = OmegaConf.create({"model": asdict(TINY_CONFIG), "thresholds": [0.91, 0.86],
+                            "optimizer": {"betas": [0.9, 0.99]}})
     task = VoiceboxTask(model=cfg.model, thresholds=cfg.thresholds, optimizer=cfg.optimizer)
     torch.save({"hyper_parameters": dict(task.hparams)}, tmp_path / "h.ckpt")
     assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["thresholds"] == [0.91, 0.86]

@@ -65,7 +65,10 @@ class CodecTask(L.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
-        model, teacher = _plain(model), _plain(teacher)
+        # Plain containers in the hyper-parameters: checkpoints then load with torch.load(weights_only=True).
+        model, teacher, discriminator, mel_loss = _plain(model), _plain(teacher), _plain(discriminator), _plain(mel_loss)
+        loss_weights, optimizer, scheduler = _plain(loss_weights), _plain(optimizer), _plain(scheduler)
+        threshold, validation = _plain(threshold), _plain(validation)
         self.save_hyperparameters()
         self.generator = instantiate(model)
         self.discriminator = CodecDiscriminator(**(_plain(discriminator) or {}))

@@ -52,7 +52,8 @@ class VocosTask(L.LightningModule):
         self.mel_loss = MultiScaleMelLoss(sample_rate=SAMPLE_RATE, **(_plain(mel_loss) or {}))
         self.loss_weights = resolve_loss_weights({"mel": 15.0, "adv": 1.0, "feat": 2.0, **(_plain(loss_weights) or {})})
         self.sample_rate = int(sample_rate)
-        self.optim_cfg = {"lr": 2e-4, "lr_d": 2e-4, "betas": (0.8, 0.9), "weight_decay": 0.0, **(_plain(optimizer) or {})}
+        self.optim_cfg = {"lr": 2e-4, "lr_d": 2e-4, "betas": (0.8, 0.9), "weight_decay": 0.0,
+                          **(_plain(optimizer) or {})}
         self.sched_cfg = {"warmup_steps": 0, "total_steps": 1, "min_lr_ratio": 1.0, **(_plain(scheduler) or {})}
         self.grad_clip = grad_clip
         self.disc_start_step = int(disc_start_step)

@@ -297,7 +297,8 @@ class VoiceboxTask(L.LightningModule):
         if T - n_prompt < 1:
             return torch.zeros((), device=self.device)
         cond = self.nar.voicebox_model.embed_codes(codes)
-        out = sample_mel(self.nar.voicebox_model, cond, target[:, :n_prompt], n_timesteps=int(self.val_cfg["n_timesteps"]),
+        out = sample_mel(self.nar.voicebox_model, cond, target[:, :n_prompt],
+                         n_timesteps=int(self.val_cfg["n_timesteps"]),
                          cfg=float(self.val_cfg["cfg"]), rescale_cfg=float(self.val_cfg["rescale_cfg"]),
                          seed=int(self.val_cfg["seed"]))
         return (out - target[:, n_prompt:]).abs().mean()
