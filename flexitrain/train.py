@@ -10,7 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flexitrain.utils.run_dir import find_resume_checkpoint, stable_run_id
+from flexitrain.cluster import resolve_resume_checkpoint
+from flexitrain.utils.run_dir import stable_run_id
 
 log = logging.getLogger("flexitrain")
 
@@ -60,7 +61,7 @@ def run(cfg: DictConfig) -> dict:
 
     datamodule = instantiate(cfg.data)
     task = instantiate(cfg.task, _recursive_=False)
-    resume = find_resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
+    resume = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir, output_dir)
     if cfg.get("init_from") and resume is None:
         task.init_from(cfg.init_from)  # strict; only for fresh runs: a resumed run already holds its weights
     trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=build_callbacks(cfg),

@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from flexitrain.utils.config import compose, config_dir, recipe_names
-from flexitrain.utils.run_dir import find_resume_checkpoint, stable_run_id
+from flexitrain.cluster import resolve_resume_checkpoint as find_resume_checkpoint
+from flexitrain.utils.run_dir import stable_run_id
 
 REPO = config_dir().parent
 
