@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from flexitrain.evaluation.loading import encode_decode
-from flexitrain.evaluation.report import aggregate, plot_rate_quality, setting_name, write_report
+from flexitrain.evaluation.report import aggregate, codec_rate_info, plot_rate_quality, setting_name, write_report
 from flexitrain.evaluation.scorers import Scorers
 from flexitrain.metrics.wer import word_error_rate
 
@@ -139,7 +139,7 @@ class CodecEvalCallback(L.Callback):
         out = Path(trainer.default_root_dir) / self.out_subdir / f"step_{step:08d}"
         out.mkdir(parents=True, exist_ok=True)
         audio = {(r["key"], r["setting"]): r.pop("_audio") for r in records}
-        summary = aggregate(records, int(gen.max_tokens_per_group), int(gen.n_codebooks))
+        summary = aggregate(records, **codec_rate_info(gen))
         (out / "metrics.json").write_text(json.dumps({"step": step, "settings": summary}, indent=2))
         plot_rate_quality(summary, out / "rate_quality.png")
         table = write_report(out, summary, {"model": f"step {step}", "seed": None, "num_utterances": len({r['key'] for r in records}),

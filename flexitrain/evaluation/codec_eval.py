@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flexitrain.evaluation.loading import encode_decode, file_hash, load_codec
-from flexitrain.evaluation.report import GT, aggregate, plot_rate_quality, setting_name, write_per_utterance_csv, write_report
+from flexitrain.evaluation.report import GT, codec_rate_info, aggregate, plot_rate_quality, setting_name, write_per_utterance_csv, write_report
 from flexitrain.evaluation.scorers import Scorers
 from flexitrain.metrics.wer import word_error_rate
 
@@ -126,7 +126,7 @@ def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
     scorers.close()
     if not records:
         raise RuntimeError(f"no utterances evaluated: is the {cfg.split} split of {cfg.data} empty?")
-    summary = aggregate(records, int(generator.max_tokens_per_group), int(generator.n_codebooks))
+    summary = aggregate(records, **codec_rate_info(generator))
     meta = {"model": str(cfg.ckpt), "model_hash": file_hash(cfg.ckpt), "seed": int(cfg.seed),
             "data": cfg.data.get(f"{cfg.split}_shards"), "num_utterances": n_utts, "audio_seconds": seconds,
             "new_records": n_new, "eval_seconds": round(time.time() - start, 2),

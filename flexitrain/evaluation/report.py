@@ -20,12 +20,26 @@ def setting_name(threshold: float, num_quantizers: int | None) -> str:
     return f"tau{threshold:g}_q{num_quantizers if num_quantizers is not None else 'all'}"
 
 
+def token_cap(generator) -> int:
+    """Longest possible token in frames: the merge cap (uncapped models are reported against 8)."""
+    return int(getattr(generator, "max_tokens_per_group", None) or 8)
+
+
 def _mean(values: Sequence[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def aggregate(records: list[dict], max_tokens_per_group: int, n_codebooks: int) -> dict[str, Any]:
+def codec_rate_info(generator) -> dict[str, int]:
+    """What the rate metrics need from a codec: merge cap, RVQ stages and codebook sizes."""
+    fsq = generator.semantic_vq
+    return {"max_tokens_per_group": token_cap(generator), "n_codebooks": int(generator.n_codebooks),
+            "semantic_size": int(fsq.codebook_size) ** int(getattr(fsq.fsq, "num_codebooks", 1)),
+            "acoustic_size": int(generator.dac.quantizer.codebook_size)}
+
+
+def aggregate(records: list[dict], max_tokens_per_group: int, n_codebooks: int, semantic_size: int = 32768,
+              acoustic_size: int = 4096) -> dict[str, Any]:
     """One summary per setting (pooled WER/CER, mean signal metrics, rates) plus the ground-truth row."""
     by_setting: dict[str, list[dict]] = {}
     for r in records:
@@ -49,7 +63,7 @@ def aggregate(records: list[dict], max_tokens_per_group: int, n_codebooks: int) 
             for r in recs:
                 acc.update(r["token_lengths"], r["duration"])
             nq = first["num_quantizers"] if first["num_quantizers"] is not None else n_codebooks + 1
-            summary["rates"] = acc.compute(flexicodec_codebook_sizes(nq))
+            summary["rates"] = acc.compute(flexicodec_codebook_sizes(nq, semantic_size, acoustic_size))
             summary["frame_rate"] = summary["rates"]["frame_rate"]["pooled"]
             summary["kbps"] = summary["rates"]["bitrate_with_side_bps"] / 1000
         out[name] = summary
