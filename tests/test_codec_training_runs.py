@@ -20,7 +20,9 @@ def common(corpus: Path, steps: int, run_name: str) -> list[str]:
     return [*MICRO_MODEL, *MICRO_TASK, *data_overrides(corpus), "trainer=cpu", f"trainer.max_steps={steps}",
             "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "logger=csv", "validate_first=false",
             "callbacks.checkpoint.every_n_train_steps=1", "~callbacks.progress", "data.epoch_samples=12",
-            f"run_name={run_name}", "experiment=resume"]
+            f"run_name={run_name}", "experiment=resume",
+            # One thread: multi-threaded CPU reductions differ run to run in the last bits, resumed or not.
+            "torch_threads=1"]
 
 
 def per_step_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
