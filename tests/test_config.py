@@ -45,7 +45,9 @@ def test_resume_resolution(tmp_path):
     ckdir = tmp_path / "checkpoints"
     assert find_resume_checkpoint("auto", ckdir) is None
     ckdir.mkdir()
-    (ckdir / "last.ckpt").write_bytes(b"x")
+    import torch
+
+    torch.save({"global_step": 3}, ckdir / "last.ckpt")
     assert find_resume_checkpoint("auto", ckdir) == str(ckdir / "last.ckpt")
     assert find_resume_checkpoint(None, ckdir) is None
     with pytest.raises(FileNotFoundError, match="does not exist"):
