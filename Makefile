@@ -24,7 +24,7 @@ demo-corpus: setup
 demo: demo-corpus
 	$(PY) tools/bench_loader.py --shards $(DEMO_DIR)/train --seconds 10
 	$(PY) train.py recipe=codec_demo
-	$(PY) eval.py ckpt=runs/codec_demo/main/checkpoints/last.ckpt data=demo "num_quantizers=[1,null]" max_utterances=40 out_dir=$(DEMO_REPORT)
+	$(PY) eval.py ckpt=runs/codec_demo/main/checkpoints/last.ckpt data=demo "thresholds=[1.0,0.95,0.91,0.87]" "num_quantizers=[1,null]" max_utterances=40 out_dir=$(DEMO_REPORT)
 	$(PY) tools/training_summary.py runs/codec_demo/main --append $(DEMO_REPORT)/report.md
 	@echo "demo report: $(DEMO_REPORT)/report.md"
 
