@@ -142,7 +142,7 @@ def write_report(out_dir: Path, summary: dict, meta: dict, extra_sections: Seque
               "| τ | WER (sem. only) | WER (8 q) | PESQ | MOS | mel | SIM | frame rate | kbps (8 q) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for tau in sorted(by_tau, reverse=True):
-        row, sem, full = by_tau[tau], by_tau[tau].get(1), by_tau[tau].get(8) or max(
+        sem, full = by_tau[tau].get(1), by_tau[tau].get(8) or max(
             by_tau[tau].values(), key=lambda s: s["num_quantizers"] or 99)
         lines.append(f"| {tau:g} | {_fmt((sem or {}).get('wer'))} | {_fmt(full.get('wer'))} | {_fmt(full.get('pesq_wb'))} "
                      f"| {_fmt(full.get('mos'))} | {_fmt(full.get('mel_distance'))} | {_fmt(full.get('sim'))} "

@@ -8,7 +8,6 @@ One training step (manual optimisation, as the official trainer):
 from __future__ import annotations
 
 import logging
-import math
 import random
 from typing import Any
 

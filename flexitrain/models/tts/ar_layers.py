@@ -181,7 +181,7 @@ class CausalRelPosEncoder(nn.Module):
                       ) -> tuple[torch.Tensor, list[LayerCache]]:
         """x [B, T1, D] new positions after the cached ones (all valid) -> (output [B, T1, D], new cache)."""
         cached = 0 if cache is None else cache[0][0].size(2)
-        t1, t2 = x.size(1), cached + x.size(1)
+        t2 = cached + x.size(1)
         steps = torch.arange(t2, device=x.device)
         mask = (steps[cached:].unsqueeze(1) >= steps).unsqueeze(0)
         x, pos = self.pos_dropout(x * self.xscale), self._positions(t2, x)
