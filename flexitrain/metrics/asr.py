@@ -19,6 +19,7 @@ English by default. Audio at any rate is resampled to 16 kHz with soxr.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -67,6 +68,7 @@ class FasterWhisperAsr(AsrModel):
                                         "Whisper directory (e.g. converted with ct2-transformers-converter)")
         force_offline()
         fw = import_optional("faster_whisper", "faster-whisper", key.rsplit(".", 1)[0] + ".backend")
+        logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # one INFO line per utterance otherwise
         device = "cuda" if str(device).startswith("cuda") else "cpu"
         compute_type = compute_type or ("int8" if device == "cpu" else "float16")
         threads = cpu_threads if cpu_threads is not None else torch.get_num_threads()
