@@ -127,3 +127,11 @@ def test_init_from_is_strict(tmp_path):
     torch.save({"state_dict": broken}, path)
     with pytest.raises(RuntimeError, match=r"missing: discriminator\..*\n.*unexpected: generator\.bogus"):
         other.init_from(str(path))
+
+
+def test_gradient_accumulation_updates_every_k_batches():
+    task = make_task("task.accumulate_grad_batches=2")
+    before = copy.deepcopy(task.generator.state_dict())
+    trainer = fit(task, [speechlike_batch(seed=i) for i in range(4)], max_epochs=1)
+    assert trainer.global_step == 2  # 4 batches, one generator update per 2
+    assert any(not torch.equal(v, task.generator.state_dict()[k]) for k, v in before.items())
