@@ -57,6 +57,27 @@ class TinyTask(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
+class PauseForSignal(L.Callback):
+    """First attempt only: stop at the end of step `at_step`, touch `<run dir>/paused` and wait until the
+    PreemptionCheckpoint callback has a pending signal (or SLURM kills the job). The test sends its signal
+    while training is held here, so the job cannot finish first however fast the steps are (a 12-step demo
+    run on an idle 2-core box used to end before the high-priority job was even scheduled)."""
+
+    def __init__(self, at_step: int, timeout: float = 240.0):
+        self.at_step, self.timeout = int(at_step), float(timeout)
+
+    def on_train_batch_end(self, trainer, *_):
+        if trainer.global_step != self.at_step or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+            return
+        from flexitrain.cluster import PreemptionCheckpoint
+
+        watch = [c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)]
+        Path(trainer.default_root_dir, "paused").touch()
+        deadline = time.time() + self.timeout
+        while time.time() < deadline and not any(c.pending for c in watch):
+            time.sleep(0.1)
+
+
 class TinyData(L.LightningDataModule):
     def __init__(self, **_ignored):
         super().__init__()
@@ -244,6 +265,10 @@ COMMON = ["recipe=codec_demo", "logger=csv", "logger.csv._target_=flexitrain.clu
           "++callbacks.preemption._target_=flexitrain.cluster.PreemptionCheckpoint", *TASK]
 
 
+# The interrupted runs hold training after step CKPT_EVERY + 2 until their signal arrives (PauseForSignal).
+PAUSE = ["+callbacks.pause._target_=test_slurm.PauseForSignal", f"+callbacks.pause.at_step={CKPT_EVERY + 2}"]
+
+
 def job_env(root: Path) -> dict[str, str]:
     return {**os.environ, "FLEXITRAIN_ROOT": str(root), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -314,10 +339,9 @@ def _assert_same_as_reference(run, reference_run):
 def test_b_preemption_by_high_priority_partition(reference_run, tmp_path):
     t0 = time.time()
     cpus = os.cpu_count() or 1
-    job, log = submit(tmp_path, "preempt", cpus=cpus)  # holds the whole node
+    job, log = submit(tmp_path, "preempt", *PAUSE, cpus=cpus)  # holds the whole node
     run_dir = tmp_path / "runs" / "preempt" / "main"
-    wait_for(lambda: max(logged_steps(run_dir, LOSS_KEY), default=-1) >= CKPT_EVERY + 2, 300,
-             "training two steps past the first periodic checkpoint")
+    wait_for((run_dir / "paused").exists, 300, "training paused two steps past the first periodic checkpoint")
     high = subprocess.run(["sbatch", "--parsable", "--partition=high", "--cpus-per-task=1", "--job-name=high",
                            f"--output={tmp_path / 'high.out'}", "--wrap", "sleep 2"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -335,10 +359,9 @@ def test_b_preemption_by_high_priority_partition(reference_run, tmp_path):
 def test_b_hard_requeue_resumes_from_periodic_checkpoint(reference_run, tmp_path):
     t0 = time.time()
     # SIGTERM is left to Lightning (no checkpoint): the job must come back from its last periodic checkpoint.
-    job, log = submit(tmp_path, "hard", "++callbacks.preemption.signals=[SIGUSR1]")
+    job, log = submit(tmp_path, "hard", "++callbacks.preemption.signals=[SIGUSR1]", *PAUSE)
     run_dir = tmp_path / "runs" / "hard" / "main"
-    wait_for(lambda: max(logged_steps(run_dir, LOSS_KEY), default=-1) >= CKPT_EVERY + 2, 300,
-             "training two steps past the first periodic checkpoint")
+    wait_for((run_dir / "paused").exists, 300, "training paused two steps past the first periodic checkpoint")
     subprocess.run(["scontrol", "requeue", job], check=True)
     run = finished_run(tmp_path, "hard", job, log)
     assert int(run["info"]["Restarts"]) >= 1, run["info"]
@@ -411,3 +434,23 @@ def test_slurm_launcher_takes_resources_from_the_slurm_block():
     assert launcher.additional_parameters.requeue is True
     bare = compose(["recipe=codec_demo", "hydra/launcher=slurm"]).hydra.launcher  # without a slurm block
     assert (bare.partition, bare.tasks_per_node, bare.timeout_min) == (None, 1, 1440)
+
+
+# ---------------------------------------------------------------- loader workers under scheduler signals
+class _SignalledDataset(torch.utils.data.IterableDataset):
+    """Each worker signals itself as SLURM does to every process of a job step, then yields its batches."""
+
+    def __iter__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)
+        yield from ({"index": torch.full((2,), i)} for i in range(4))
+
+
+def test_loader_workers_leave_scheduler_signals_to_the_main_process():
+    from flexitrain.data.pipeline import AudioLoader
+
+    batches = list(AudioLoader(_SignalledDataset(), num_workers=1))  # a killed worker would raise here
+    assert [int(b["index"][0]) for b in batches] == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="killed by signal|exited unexpectedly"):  # the failure the init function prevents
+        list(AudioLoader(_SignalledDataset(), num_workers=1, worker_init_fn=None))

@@ -113,20 +113,25 @@ class PreemptionCheckpoint(L.Callback):
         self.saved = self.save(trainer)
         log.warning("received %s: checkpoint at step %d: %s", signal.Signals(signum).name, trainer.global_step,
                     self.saved)
-        if self.requeue and signal.Signals(signum) in self.requeue_on and trainer.is_global_zero:
-            requeue_slurm_job()
-        # Exit at the next hook instead of now: Lightning logs this step's metrics after on_train_batch_end.
+        # Requeue and exit at the next hook, not now: Lightning writes this step's metrics after
+        # on_train_batch_end, and `scontrol requeue` makes SLURM signal (and soon kill) the whole job step.
         self.exit_code = 128 + signum
 
-    def _exit_if_preempted(self) -> None:
-        if self.exit_code:
-            raise Preempted(self.exit_code)  # Lightning finalizes the loggers (CSV rows flushed) and tears down
+    def _exit_if_preempted(self, trainer: L.Trainer) -> None:
+        if not self.exit_code:
+            return
+        for logger in trainer.loggers:  # everything up to the checkpointed step is on disk before the requeue
+            logger.save()
+        signum = signal.Signals(self.exit_code - 128)
+        if self.requeue and signum in self.requeue_on and trainer.is_global_zero:
+            requeue_slurm_job()
+        raise Preempted(self.exit_code)  # Lightning finalizes the loggers and tears down
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self._exit_if_preempted()
+        self._exit_if_preempted(trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._exit_if_preempted()
+        self._exit_if_preempted(trainer)
 
     def save(self, trainer: L.Trainer) -> str:
         """Write hpc_ckpt_<n+1>.ckpt atomically (tmp file + rename: a SIGKILL mid-write leaves no bad checkpoint)."""

@@ -264,6 +264,20 @@ class LoaderConfig:
 
 
 # ----------------------------------------------------------------------------- loader
+JOB_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+
+def ignore_job_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker init: leave the scheduler's signals to the main process. SLURM signals every process
+    of a job step (preemption, `scontrol requeue`, the time-limit warning); a worker killed by one makes the
+    main process raise "DataLoader worker is killed" at once, before it can finish the step, log it and write
+    its checkpoint. The main process shuts the workers down itself (and they exit when it dies)."""
+    import signal
+
+    for name in JOB_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class AudioLoader(DataLoader):
     """DataLoader for the datasets below (they batch themselves).  It gives worker batches a
     reusable shared-memory SlotPool, finishes each batch in the main process (finalize_batch),
@@ -275,6 +289,7 @@ class AudioLoader(DataLoader):
         # Worker base seeds from a private generator: starting a pass never advances the global torch RNG,
         # so training randomness is identical whether or not a run was resumed (datasets seed themselves).
         kw.setdefault("generator", torch.Generator().manual_seed(0))
+        kw.setdefault("worker_init_fn", ignore_job_signals)
         super().__init__(dataset, batch_size=None, **kw)
         self._epoch_fn, self._skip_fn, self._passes = epoch_fn, skip_fn, 0
         self.pool = None

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from flexitrain.data.pipeline import ignore_job_signals
+
 log = logging.getLogger(__name__)
 TOKENS_MEMBER = "tokens.json"
 FRAME_RATE = 12.5  # codec frames per second before merging
@@ -195,7 +197,7 @@ class ARTTSDataModule(L.LightningDataModule):
     def _loader(self, urls, train: bool):
         rank, world = self._dist()
         ds = ARTTSDataset(urls, shuffle=train, repeat=train, rank=rank, world_size=world, **self.kw)
-        return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=ignore_job_signals,
                           persistent_workers=train and self.num_workers > 0)
 
     def train_dataloader(self):
