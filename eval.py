@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate a codec at several merging thresholds: `python eval.py ckpt=PATH data=demo out_dir=reports/x`."""
+"""Evaluate a codec at several merging thresholds (`python eval.py ckpt=PATH data=demo out_dir=reports/x`) or zero-shot
+TTS per frame rate (`python eval.py --config-name eval_tts ar=AR nar=NAR vocoder=VOCOS`)."""
 import hydra
 from omegaconf import DictConfig
 

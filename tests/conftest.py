@@ -14,6 +14,18 @@ SHARED = REPO_ROOT.parent / "shared"
 sys.path.insert(0, str(REPO_ROOT))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (restored after): tiny models gain nothing from more, and on
+    shared CI cores extra threads only contend. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_reference() -> Path:
     ref = SHARED / "reference"

@@ -15,16 +15,10 @@ from flexitrain.models.codec.checkpoint import import_official
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT.parent / "shared" / "reference" / "flexicodec_tiny"
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"reference vectors not found at {REF}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared CI cores they stall badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.skipif(not REF.is_dir(), reason=f"reference vectors not found at {REF}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,10 @@ SHARED = ROOT.parent / "shared"
 REF = SHARED / "reference" / "flexicodec_tiny"
 KEYS = SHARED / "reference" / "flexicodec_released_keys.json"
 
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"reference vectors not found at {REF}")
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared CI cores they stall badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = [
+    pytest.mark.skipif(not REF.is_dir(), reason=f"reference vectors not found at {REF}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _parity_main():

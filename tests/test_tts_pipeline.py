@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from conftest import REPO_ROOT, requires_espeak
+from tts_fixtures import write_task_checkpoints
 
 pytestmark = requires_espeak  # the AR text front end phonemises with espeak-ng
 
@@ -143,38 +144,9 @@ def test_from_checkpoints_needs_a_codec_and_loads_exported_models(exported, pipe
     assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.audio, b.audio, atol=1e-6)
 
 
-def _save_task_checkpoint(task, path):
-    """What Trainer.save_checkpoint writes that load_from_checkpoint reads (weights + constructor arguments)."""
-    import lightning as L
-
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def task_checkpoints(tmp_path_factory):
-    """Untrained ARTTSTask / VoiceboxTask / VocosTask checkpoints whose targets come from the same seeded random
-    demo codec (as the *_demo recipes): the CLI takes the codec from the AR checkpoint."""
-    from omegaconf import OmegaConf
-
-    from flexitrain.models.tts.ar_tts import tiny_config
-    from flexitrain.tasks.ar_tts import ARTTSTask
-    from flexitrain.tasks.vocos import VocosTask
-    from flexitrain.tasks.voicebox import VoiceboxTask
-    from flexitrain.utils.config import compose
-
-    codec_cfg = OmegaConf.to_container(compose(["model=codec_tiny"], return_hydra_config=False).model, resolve=True)
-    teacher = {"random_init": True, "num_blocks": 1}
-    root = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    ar = ARTTSTask({**tiny_config(), "text_token_size": 51866, "speech_token_size": 32768},
-                   targets={"source": "codec", "codec_model": codec_cfg, "teacher": teacher})
-    nar = VoiceboxTask({"hidden_size": 32, "num_layers": 2, "num_heads": 2, "repa_layer_idx": 1, "use_repa": False},
-                       codec={"model": codec_cfg, "random_init": True}, teacher=teacher, use_repa=False)
-    voc = VocosTask(model={"dim": 32, "intermediate_dim": 64, "num_layers": 1}, sample_rate=16000)
-    return {name: _save_task_checkpoint(task, root / f"{name}.ckpt") for name, task in
-            (("ar", ar), ("nar", nar), ("vocoder", voc))}
+    return write_task_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_task_checkpoints_carry_the_codec(task_checkpoints, prompt_wav):

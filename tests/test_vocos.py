@@ -9,12 +9,7 @@ import torch
 from flexitrain.models.vocos import ISTFT, RELEASED_VOCOS, TINY_VOCOS, Vocos, import_released_vocos
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

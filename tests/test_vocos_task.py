@@ -1,4 +1,6 @@
-"""VocosTask: the mel loss falls when overfitting a few clips; the GAN step updates both networks."""
+"""VocosTask: the mel loss falls when overfitting a few clips; the GAN step updates both networks;
+non-finite steps are skipped on every rank and counted."""
+import copy
 import math
 
 import lightning as L
@@ -12,12 +14,7 @@ SMALL = dict(discriminator={"periods": [2], "fft_sizes": [512], "channels": 8},
              mel_loss={"window_lengths": [256, 1024], "n_mels": [40, 80]})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tones(sr: int, n: int) -> dict:
@@ -35,7 +32,8 @@ def fit(task, batch, steps):
         def __getitem__(self, i):
             return batch
 
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    # max_epochs=1: skipped generator updates do not advance global_step, so max_steps alone may never stop.
+    trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(task, torch.utils.data.DataLoader(Repeat(), batch_size=None))
     return trainer
@@ -81,3 +79,59 @@ def test_hparams_from_hydra_configs_load_weights_only(tmp_path):
     task = VocosTask(model=cfg.model, discriminator=cfg.discriminator, mel_loss=cfg.mel_loss)
     torch.save({"hyper_parameters": dict(task.hparams)}, tmp_path / "h.ckpt")
     assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["discriminator"]["periods"] == [2]
+
+
+def test_non_finite_loss_skips_update_and_is_counted(tmp_path):
+    task = VocosTask(model=TINY_VOCOS, sample_rate=24000, disc_start_step=0, **SMALL)
+    before = copy.deepcopy(task.state_dict())
+    bad = tones(24000, 12000)
+    bad["audio"][0, 0, 100] = float("nan")
+    trainer = fit(task, bad, 1)
+    after = task.state_dict()
+    assert trainer.global_step == 0  # the generator update was skipped
+    assert int(after["skipped_steps"]) == 2  # the generator update and the discriminator update
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 2
+    for k, v in before.items():
+        if k != "skipped_steps":
+            assert torch.equal(v, after[k]), f"{k} changed after a non-finite step"
+            assert torch.isfinite(after[k].float()).all()
+    # Neither LR scheduler stepped on the skipped updates.
+    assert [c.scheduler.last_epoch for c in trainer.lr_scheduler_configs] == [0, 0]
+    # The counter is saved with the weights and restored on resume.
+    trainer.save_checkpoint(tmp_path / "skip.ckpt")
+    assert int(VocosTask.load_from_checkpoint(tmp_path / "skip.ckpt").skipped_steps) == 2
+
+
+def test_skip_decision_is_agreed_across_ranks(monkeypatch):
+    """A finite local step is still skipped when another rank saw a non-finite one (all-reduced decision)."""
+    from lightning.pytorch.strategies import Strategy
+
+    decisions = []
+
+    def other_rank_failed(self, decision, all=True):
+        decisions.append((decision, all))
+        return False if all else decision
+
+    monkeypatch.setattr(Strategy, "reduce_boolean_decision", other_rank_failed)
+    task = VocosTask(model=TINY_VOCOS, sample_rate=24000, disc_start_step=0, **SMALL)
+    before = copy.deepcopy(task.state_dict())
+    fit(task, tones(24000, 12000), 1)
+    assert (True, True) in decisions  # the local step was finite
+    assert int(task.skipped_steps) == 2
+    assert all(torch.equal(v, task.state_dict()[k]) for k, v in before.items() if k != "skipped_steps")
+
+
+def test_checkpoint_without_skip_counter_still_resumes(tmp_path):
+    task = VocosTask(model=TINY_VOCOS, sample_rate=24000, disc_start_step=0, **SMALL)
+    trainer = fit(task, tones(24000, 12000), 1)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["state_dict"]["skipped_steps"]  # as written before the counter existed
+    torch.save(ckpt, path)
+    assert int(VocosTask.load_from_checkpoint(path).skipped_steps) == 0
+    resumed = VocosTask(model=TINY_VOCOS, sample_rate=24000, disc_start_step=0, **SMALL)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(resumed, torch.utils.data.DataLoader([tones(24000, 12000)] * 2, batch_size=None), ckpt_path=path)
+    assert trainer.global_step == 2 and int(resumed.skipped_steps) == 0

@@ -12,12 +12,7 @@ from flexitrain.tasks.voicebox import VoiceboxTask, expand_token_codes, flow_mat
 SR, N, B = 16000, 20480, 4  # 1.28 s: 64 mel frames, 16 codes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def harmonic_batch(lengths=(N,) * B) -> dict:

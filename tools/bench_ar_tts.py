@@ -6,6 +6,8 @@ speech tokens per second, on CPU or GPU.
 
 Random weights and inputs (speed does not depend on the values). Sampling runs with EOS disabled up to
 --gen-tokens so every run decodes the same number of tokens; `--no-cache` measures full recomputation.
+`sampling_batched` decodes --sample-batches utterances at once with `generate_batch` (tokens/s summed
+over the batch; prompt lengths vary across items so the left padding is exercised).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexitrain.models.tts.ar_tts import ARTTSModel, released_config, tiny_config  # noqa: E402
-from flexitrain.models.tts.sampling import SamplingConfig, generate  # noqa: E402
+from flexitrain.models.tts.sampling import SamplingConfig, generate, generate_batch  # noqa: E402
 
 PRESETS = {
     "released": released_config,
@@ -83,6 +85,27 @@ def bench_sampling(model, device, text_len, prompt_len, gen_tokens, use_cache, d
     return {"tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1), "kv_cache": use_cache}
 
 
+def bench_sampling_batch(model, device, batch, text_len, prompt_len, gen_tokens, dtype):
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    texts = [torch.randint(1, 50000, (1, text_len), device=device) for _ in range(batch)]
+    plens = [max(1, prompt_len - 2 * (i % 4)) for i in range(batch)]  # different prompt lengths: padded batch
+    prompts = [torch.randint(0, model.speech_token_size, (1, n), device=device) for n in plens]
+    pdurs = [torch.randint(1, 9, (1, n), device=device) for n in plens]
+    cfg = SamplingConfig(top_k=25, max_token_text_ratio=1e9, min_token_text_ratio=1e9, max_tokens=gen_tokens)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        generate_batch(model, texts, 0.91, None, prompts, pdurs,
+                       SamplingConfig(max_tokens=4, min_token_text_ratio=1e9), generator=g)  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        res = generate_batch(model, texts, 0.91, None, prompts, pdurs, cfg, generator=g)
+        sync(device)
+    dt = time.perf_counter() - t
+    n = sum(r.tokens.size(1) for r in res)
+    return {"batch": batch, "tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1),
+            "steps_per_s": round(gen_tokens / dt, 1)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", choices=sorted(PRESETS))
@@ -95,6 +118,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=25)
     p.add_argument("--gen-tokens", type=int, default=100)
     p.add_argument("--no-cache", action="store_true", help="also time full recomputation")
+    p.add_argument("--sample-batches", default="1,8",
+                   help="comma-separated batch sizes for generate_batch ('' to skip)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-train", action="store_true", help="sampling only (e.g. the released size on a small CPU)")
     args = p.parse_args(argv)
@@ -107,6 +132,9 @@ def main(argv=None):
     report = {"config": args.config, "device": str(device), "precision": args.precision,
               "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
               "sampling": bench_sampling(model, device, args.text_len, args.prompt_len, args.gen_tokens, True, dtype)}
+    report["sampling_batched"] = [
+        bench_sampling_batch(model, device, int(b), args.text_len, args.prompt_len, args.gen_tokens, dtype)
+        for b in args.sample_batches.split(",") if b.strip()]
     if not args.skip_train:
         report["train"] = bench_train(model, device, args.batch, args.text_len, args.speech_len, args.steps, dtype)
     if device.type == "cuda":

@@ -1,6 +1,11 @@
 """Codec training losses (plain functions / nn.Modules, masked over padding)."""
 
-from flexitrain.losses.adversarial import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from flexitrain.losses.adversarial import (
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+    generator_gan_terms,
+)
 from flexitrain.losses.distill import group_mask, mean_pool_groups, semantic_distill_loss
 from flexitrain.losses.masking import lengths_to_mask, masked_l1, masked_mean, masked_mse
 from flexitrain.losses.mel import MultiScaleMelLoss
@@ -16,6 +21,7 @@ __all__ = [
     "discriminator_loss",
     "feature_matching_loss",
     "generator_adversarial_loss",
+    "generator_gan_terms",
     "group_mask",
     "lengths_to_mask",
     "masked_l1",

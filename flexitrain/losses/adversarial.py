@@ -7,6 +7,9 @@ official ``GANLoss`` does, so weights keep the official meaning.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,3 +38,17 @@ def feature_matching_loss(d_fake: DiscOutputs, d_real: DiscOutputs) -> Tensor:
     return sum(
         F.l1_loss(f, r.detach()) for fakes, reals in zip(d_fake, d_real) for f, r in zip(fakes[:-1], reals[:-1])
     )
+
+
+def generator_gan_terms(
+    discriminator: Callable[[Tensor], DiscOutputs], fake: Tensor, real: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Generator-side GAN terms ``(adv, feat)``: D runs on ``fake`` with gradients, on ``real`` without.
+
+    The discriminator's parameters receive gradients through ``D(fake)``; callers zero them before any
+    discriminator update (they belong to the generator step).
+    """
+    d_fake = discriminator(fake)
+    with torch.no_grad():
+        d_real = discriminator(real)
+    return generator_adversarial_loss(d_fake), feature_matching_loss(d_fake, d_real)

@@ -30,6 +30,10 @@ class ARTTSTask(L.LightningModule):
         self.save_hyperparameters(ignore=["codec", "teacher"])
         model = {k: v for k, v in dict(model).items() if not k.startswith("_")}
         self.model = ARTTSModel(**model)
+        # Kept only for the released key set, never in the loss: frozen, so that DDP without unused-parameter
+        # detection works (it would stop at step 2 waiting for its gradient). Still saved and AdamW-listed
+        # (no gradient = no update), so checkpoints and optimizer states keep their layout.
+        self.model.spk_embed_affine_layer.requires_grad_(False)
         t = {"source": "shards", "thresholds": [0.86, 0.91], "codec_ckpt": None, "codec_model": None,
              "teacher": None, "cache": False, **(targets or {})}
         if t["source"] not in ("shards", "codec"):

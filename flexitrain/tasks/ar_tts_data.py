@@ -91,14 +91,20 @@ class ARTTSDataset(IterableDataset):
         self.g2p, self.g2p_prob, self.language, self.seed = g2p, g2p_prob, language, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
 
-    def _items(self, rng: random.Random, frontend, part: int, parts: int) -> Iterator[dict]:
+    def shard_order(self, epoch: int) -> list[str]:
+        """This epoch's shard order, the same on every rank and worker (they then take every parts-th
+        shard): a per-part shuffle before the split would give overlapping, incomplete shares."""
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(hash((self.seed, epoch, -1))).shuffle(urls)  # ints only: hash() is stable across processes
+        return urls
+
+    def _items(self, epoch: int, frontend, part: int, parts: int) -> Iterator[dict]:
         from flexitrain.data.pipeline import DataStats, iter_shard
         from flexitrain.data.decode import DecodeConfig, decode_audio, parse_meta
 
         stats, decode_cfg = DataStats(0), DecodeConfig(sample_rate=self.sample_rate, max_duration=self.max_duration)
-        urls = list(self.urls)
-        if self.shuffle:
-            rng.shuffle(urls)
+        urls = self.shard_order(epoch)
         by_shard = len(urls) >= parts  # enough shards: split shards, else split samples
         for si, url in enumerate(urls):
             if by_shard and si % parts != part:
@@ -159,7 +165,7 @@ class ARTTSDataset(IterableDataset):
         while True:
             rng = random.Random(hash((self.seed, epoch, part)))
             buffer = []
-            for item in self._items(rng, frontend, part, parts):
+            for item in self._items(epoch, frontend, part, parts):
                 buffer.append(item)
                 if len(buffer) >= self.buffer_size:
                     for b in self._batches(buffer, rng):

@@ -7,7 +7,6 @@ One training step (manual optimisation, as the official trainer):
 """
 from __future__ import annotations
 
-import logging
 import random
 from typing import Any
 
@@ -17,17 +16,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from flexitrain.losses.adversarial import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from flexitrain.losses.adversarial import discriminator_loss, generator_gan_terms
 from flexitrain.losses import build_repa_mlp, si_sdr
 from flexitrain.losses.masking import lengths_to_mask, masked_mse
 from flexitrain.losses.mel import MultiScaleMelLoss
 from flexitrain.losses.weights import combine_losses, resolve_loss_weights
 from flexitrain.models.discriminators import CodecDiscriminator
 from flexitrain.tasks.checkpointing import load_weights_strict
+from flexitrain.tasks.guards import NonFiniteStepGuard
 from flexitrain.tasks.schedules import warmup_cosine
 from flexitrain.tasks.teacher import build_teacher
-
-log = logging.getLogger(__name__)
 
 
 def _plain(cfg: Any) -> Any:
@@ -43,7 +41,7 @@ def build_repa_mlp_for(generator: nn.Module) -> nn.Module:
     return mlp
 
 
-class CodecTask(L.LightningModule):
+class CodecTask(NonFiniteStepGuard, L.LightningModule):
     def __init__(
         self,
         model: dict,
@@ -92,7 +90,7 @@ class CodecTask(L.LightningModule):
         self.val_cfg = {"thresholds": [1.0, 0.91], "num_quantizers": None, "num_audio_examples": 2,
                         **(_plain(validation) or {})}
         self._rng = random.Random(0)  # reseeded per rank in setup(): τ and bypass draws differ across ranks
-        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._init_step_guard()  # skipped_steps counter (a buffer: survives resume)
         self._micro = 0
         self._epoch_batches = 0      # training batches consumed in the current epoch (checkpointed)
         self._resume_skip = 0        # batches the data loader skips after a mid-epoch resume
@@ -167,13 +165,6 @@ class CodecTask(L.LightningModule):
         return terms, out, fake, real
 
     # ---------------------------------------------------------------- training
-    def _step_ok(self, loss: Tensor, grad_norm: Tensor | None) -> bool:
-        ok = torch.isfinite(loss.detach()).all()
-        if grad_norm is not None:
-            ok = ok & torch.isfinite(grad_norm)
-        # Every rank must take the same decision, or the replicas drift apart.
-        return bool(self.trainer.strategy.reduce_boolean_decision(bool(ok), all=True))
-
     def _clip(self, params) -> Tensor:
         return torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
 
@@ -206,19 +197,12 @@ class CodecTask(L.LightningModule):
             self.manual_backward(loss_d / self.accumulate)
             if last_micro:
                 norm_d = self._clip(self.discriminator.parameters())
-                if self._step_ok(loss_d, norm_d):
-                    opt_d.optimizer.step()  # raw step: global_step counts generator updates only
-                    sched_d.step()
-                else:
-                    self.skipped_steps += 1
+                # Raw step: global_step counts generator updates only.
+                self._guarded_step(loss_d, norm_d, opt_d.optimizer.step, sched_d, "discriminator")
                 opt_d.zero_grad(set_to_none=True)
             logs["loss_d"] = loss_d.detach()
         if gan_on:
-            d_fake = self.discriminator(fake)
-            with torch.no_grad():
-                d_real = self.discriminator(real)
-            terms["adv"] = generator_adversarial_loss(d_fake)
-            terms["feat"] = feature_matching_loss(d_fake, d_real)
+            terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
         loss_g, term_logs = combine_losses(terms, self.loss_weights)
         self.manual_backward(loss_g / self.accumulate)
         # D received generator-side gradients through d_fake: they belong to no D update.
@@ -226,12 +210,7 @@ class CodecTask(L.LightningModule):
         if last_micro:
             g_params = [p for g in opt_g.param_groups for p in g["params"]]
             norm_g = self._clip(g_params)
-            if self._step_ok(loss_g, norm_g):
-                opt_g.step()
-                sched_g.step()
-            else:
-                self.skipped_steps += 1
-                log.warning("non-finite generator loss/gradient at step %d: update skipped", gen_step)
+            self._guarded_step(loss_g, norm_g, opt_g.step, sched_g, "generator")
             opt_g.zero_grad(set_to_none=True)
             logs["grad_norm_g"] = norm_g.detach()
         logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
@@ -301,6 +280,7 @@ class CodecTask(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("flexitrain")
         if state:
             self._rng.setstate(state["rng_python"])

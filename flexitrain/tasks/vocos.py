@@ -3,11 +3,11 @@
 One step (manual optimisation, as CodecTask): audio → 24 kHz (resampled if the data rate differs) →
 mel24k → Vocos → D step on the detached fake (multi-period + multi-resolution STFT discriminators) →
 G step on multi-scale mel L1 + LSGAN + feature matching. Padding is zeroed in both signals and masked
-in the mel loss. `trainer.global_step` counts generator updates.
+in the mel loss. `trainer.global_step` counts generator updates. A non-finite loss or gradient norm on any
+rank skips that update (and its LR step) on every rank and is counted in ``skipped_steps``, as in CodecTask.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning as L
@@ -18,22 +18,21 @@ from torch import Tensor
 
 from flexitrain.audio.mel24k import SAMPLE_RATE, mel24k
 from flexitrain.audio.resample import resample, resample_lengths
-from flexitrain.losses.adversarial import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from flexitrain.losses.adversarial import discriminator_loss, generator_gan_terms
 from flexitrain.losses.masking import lengths_to_mask
 from flexitrain.losses.mel import MultiScaleMelLoss
 from flexitrain.losses.weights import combine_losses, resolve_loss_weights
 from flexitrain.models.discriminators import CodecDiscriminator
 from flexitrain.models.vocos import Vocos
+from flexitrain.tasks.guards import NonFiniteStepGuard
 from flexitrain.tasks.schedules import warmup_cosine
-
-log = logging.getLogger(__name__)
 
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-class VocosTask(L.LightningModule):
+class VocosTask(NonFiniteStepGuard, L.LightningModule):
     def __init__(self, model: dict, sample_rate: int = 16000, discriminator: dict | None = None,
                  mel_loss: dict | None = None, loss_weights: dict | None = None, optimizer: dict | None = None,
                  scheduler: dict | None = None, grad_clip: float | None = 1.0, disc_start_step: int = 0,
@@ -58,6 +57,7 @@ class VocosTask(L.LightningModule):
         self.grad_clip = grad_clip
         self.disc_start_step = int(disc_start_step)
         self.val_cfg = {"num_audio_examples": 2, **(_plain(validation) or {})}
+        self._init_step_guard()  # skipped_steps counter (a buffer: survives resume)
 
     def configure_optimizers(self):
         oc, sc = self.optim_cfg, self.sched_cfg
@@ -100,29 +100,21 @@ class VocosTask(L.LightningModule):
             loss_d = discriminator_loss(self.discriminator(fake.detach()), self.discriminator(real))
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_d)
-            logs["grad_norm_d"] = self._clip(self.discriminator.parameters())
-            if torch.isfinite(loss_d):
-                opt_d.optimizer.step()  # raw step: global_step counts generator updates only
-            sched_d.step()
+            logs["grad_norm_d"] = norm_d = self._clip(self.discriminator.parameters())
+            # Raw step: global_step counts generator updates only.
+            self._guarded_step(loss_d, norm_d, opt_d.optimizer.step, sched_d, "discriminator")
             logs["loss_d"] = loss_d.detach()
         terms = {"mel": self.mel_loss(fake, real, lengths)}
         if gan_on:
-            d_fake = self.discriminator(fake)
-            with torch.no_grad():
-                d_real = self.discriminator(real)
-            terms["adv"] = generator_adversarial_loss(d_fake)
-            terms["feat"] = feature_matching_loss(d_fake, d_real)
+            terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
         loss_g, term_logs = combine_losses(terms, self.loss_weights)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         opt_d.zero_grad(set_to_none=True)  # generator-side gradients through D belong to no D update
-        logs["grad_norm_g"] = self._clip(self.generator.parameters())
-        if torch.isfinite(loss_g):
-            opt_g.step()
-        else:
-            log.warning("non-finite generator loss at step %d: update skipped", self.global_step)
-        sched_g.step()
+        logs["grad_norm_g"] = norm_g = self._clip(self.generator.parameters())
+        self._guarded_step(loss_g, norm_g, opt_g.step, sched_g, "generator")
         logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
+        logs["skipped_steps"] = self.skipped_steps.float()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bsz)
         self.log("loss_mel", term_logs["mel"], prog_bar=True, logger=False, batch_size=bsz)
 

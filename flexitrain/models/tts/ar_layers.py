@@ -177,13 +177,24 @@ class CausalRelPosEncoder(nn.Module):
             x, _ = layer(x, mask, pos)
         return self.after_norm(x)
 
-    def forward_chunk(self, x: torch.Tensor, cache: list[LayerCache] | None = None
-                      ) -> tuple[torch.Tensor, list[LayerCache]]:
-        """x [B, T1, D] new positions after the cached ones (all valid) -> (output [B, T1, D], new cache)."""
+    def forward_chunk(self, x: torch.Tensor, cache: list[LayerCache] | None = None,
+                      offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, list[LayerCache]]:
+        """x [B, T1, D] new positions after the cached ones -> (output [B, T1, D], new cache).
+
+        ``offsets`` [B] (optional) is for left-padded batches: item b's first ``offsets[b]`` positions
+        (cached + new) are padding. No position attends to them except each padding position to itself,
+        which keeps its row finite (an all-masked softmax is NaN, and 0 x NaN in the value product would
+        poison the valid rows). Attention depends only on relative distances, so an item's valid outputs
+        equal those of the same item decoded alone. None: every position is valid (batch-of-one decoding).
+        """
         cached = 0 if cache is None else cache[0][0].size(2)
         t2 = cached + x.size(1)
         steps = torch.arange(t2, device=x.device)
-        mask = (steps[cached:].unsqueeze(1) >= steps).unsqueeze(0)
+        mask = (steps[cached:].unsqueeze(1) >= steps).unsqueeze(0)  # causal [1, T1, T2]
+        if offsets is not None:
+            valid_key = steps >= offsets.to(x.device).unsqueeze(1)  # [B, T2]
+            itself = steps[cached:].unsqueeze(1) == steps  # [T1, T2]
+            mask = mask & (valid_key.unsqueeze(1) | itself)
         x, pos = self.pos_dropout(x * self.xscale), self._positions(t2, x)
         new_cache = []
         for i, layer in enumerate(self.encoders):
