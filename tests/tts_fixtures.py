@@ -24,13 +24,14 @@ def write_task_checkpoints(root):
     from flexitrain.tasks.voicebox import VoiceboxTask
     from flexitrain.utils.config import compose
 
-    codec_cfg = OmegaConf.to_container(compose(["model=codec_tiny"], return_hydra_config=False).model, resolve=True)
-    teacher = {"random_init": True, "num_blocks": 1}
+    # DictConfig arguments, as Hydra passes them (they end up in the checkpoint's hyper_parameters)
+    codec_cfg = compose(["model=codec_tiny"], return_hydra_config=False).model
+    teacher = OmegaConf.create({"random_init": True, "num_blocks": 1})
     torch.manual_seed(0)
-    ar = ARTTSTask({**tiny_config(), "text_token_size": 51866, "speech_token_size": 32768},
-                   targets={"source": "codec", "codec_model": codec_cfg, "teacher": teacher})
+    ar = ARTTSTask(OmegaConf.create({**tiny_config(), "text_token_size": 51866, "speech_token_size": 32768}),
+                   targets=OmegaConf.create({"source": "codec", "codec_model": codec_cfg, "teacher": teacher}))
     nar = VoiceboxTask({"hidden_size": 32, "num_layers": 2, "num_heads": 2, "repa_layer_idx": 1, "use_repa": False},
-                       codec={"model": codec_cfg, "random_init": True}, teacher=teacher, use_repa=False)
-    voc = VocosTask(model={"dim": 32, "intermediate_dim": 64, "num_layers": 1}, sample_rate=16000)
+                       codec=OmegaConf.create({"model": codec_cfg, "random_init": True}), teacher=teacher, use_repa=False)
+    voc = VocosTask(model=OmegaConf.create({"dim": 32, "intermediate_dim": 64, "num_layers": 1}), sample_rate=16000)
     return {name: _save_task_checkpoint(task, root / f"{name}.ckpt") for name, task in
             (("ar", ar), ("nar", nar), ("vocoder", voc))}

@@ -16,6 +16,13 @@ def _existing(path: str | Path, what: str) -> Path:
     return p
 
 
+def load_task(cls, path: Path):
+    """A flexitrain task from its Lightning checkpoint, strictly. weights_only=False: a Hydra-built task keeps its
+    DictConfig constructor arguments in ``hyper_parameters``, which the weights-only unpickler refuses (the same
+    trust as resuming training from the file)."""
+    return cls.load_from_checkpoint(str(path), map_location="cpu", strict=True, weights_only=False)
+
+
 def load_ar(path: str | Path) -> tuple[nn.Module, tuple[nn.Module, nn.Module] | None]:
     """`(ARTTSModel, (codec, teacher) or None)`. An ARTTSTask ``.ckpt`` brings the frozen codec it was trained
     against (``targets.source: codec``); a directory from tools/import_artts.py (config.json + model.safetensors)
@@ -37,7 +44,7 @@ def load_ar(path: str | Path) -> tuple[nn.Module, tuple[nn.Module, nn.Module] | 
         return model.eval(), None
     from flexitrain.tasks.ar_tts import ARTTSTask
 
-    task = ARTTSTask.load_from_checkpoint(str(p), map_location="cpu", strict=True)
+    task = load_task(ARTTSTask, p)
     codec, teacher = task._frozen
     return task.model.eval(), ((codec, teacher) if codec is not None and teacher is not None else None)
 
@@ -51,7 +58,7 @@ def load_nar(path: str | Path) -> tuple[nn.Module, tuple[nn.Module, nn.Module] |
         return VoiceboxNAR.from_pretrained(p), None
     from flexitrain.tasks.voicebox import VoiceboxTask
 
-    task = VoiceboxTask.load_from_checkpoint(str(p), map_location="cpu", strict=True)
+    task = load_task(VoiceboxTask, p)
     codec, teacher = task._frozen.get("codec"), task._frozen.get("teacher")
     return task.nar.eval(), ((codec, teacher) if codec is not None and teacher is not None else None)
 
@@ -65,7 +72,7 @@ def load_vocoder(path: str | Path) -> nn.Module:
         return Vocos.from_pretrained(p)
     from flexitrain.tasks.vocos import VocosTask
 
-    return VocosTask.load_from_checkpoint(str(p), map_location="cpu", strict=True).generator.eval()
+    return load_task(VocosTask, p).generator.eval()
 
 
 def codec_fingerprint(codec: nn.Module) -> str:
