@@ -97,6 +97,28 @@ def test_prompt_as_waveform_equals_prompt_file(pipeline, prompt_wav):
     assert torch.equal(a.audio, b.audio)
 
 
+def test_batch_mode_equals_one_at_a_time_and_isolates_failures(modules, prompt_wav, tmp_path):
+    from flexitrain.models.tts.sampling import SamplingConfig
+    from flexitrain.tts import TTSPipeline, TTSRequest
+    from flexitrain.tts.pipeline import NARConfig
+
+    # greedy AR decoding: the batched KV-cached decode must give each utterance exactly its own result
+    greedy = TTSPipeline(*modules, sampling=SamplingConfig(top_k=1, duration_top_k=1, min_token_text_ratio=0.3,
+                                                           max_token_text_ratio=0.6),
+                         nar_config=NARConfig(n_timesteps=2))
+    requests = [TTSRequest("One two three.", prompt_wav, "A prompt.", frame_rate=8.3, seed=1),
+                TTSRequest("Four.", tmp_path / "missing.wav", frame_rate=8.3),
+                TTSRequest("Five six seven eight nine ten.", prompt_wav, "", frame_rate=6.25, seed=2),
+                TTSRequest("Eleven.", prompt_wav, "Another prompt text.", threshold=0.91, seed=3)]
+    out = greedy.synthesize_batch(requests, max_batch=2)
+    assert isinstance(out[1], FileNotFoundError)
+    for i in (0, 2, 3):
+        alone = greedy.synthesize_request(requests[i])
+        assert torch.equal(out[i].tokens, alone.tokens) and torch.equal(out[i].durations, alone.durations), i
+        assert torch.allclose(out[i].audio, alone.audio, atol=1e-6) and out[i].threshold == alone.threshold
+        assert out[i].timings["ar"] > 0 and out[i].rtf > 0
+
+
 def test_bad_requests_are_clear_errors(pipeline, prompt_wav, tmp_path):
     with pytest.raises(ValueError, match="frame rate 10.0 Hz is not configured"):
         pipeline.synthesize("Hi.", prompt_wav, frame_rate=10.0)

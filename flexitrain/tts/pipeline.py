@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from flexitrain.audio.mel24k import HOP_LENGTH, SAMPLE_RATE as OUT_RATE, Mel24k
 from flexitrain.audio.resample import resample
-from flexitrain.models.tts.sampling import SamplingConfig, encode_prompt, generate
+from flexitrain.models.tts.sampling import SamplingConfig, encode_prompt, generate, generate_batch
 from flexitrain.tts import loading
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,8 @@ class TTSPipeline:
         mel = self.mel(audio24)[0].transpose(0, 1)
         out = (tokens[0], durations[0], mel)
         if key is not None:
+            if len(self._prompt_cache) >= 512:  # bounded: drop the oldest prompt
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
             self._prompt_cache[(key, threshold)] = out
         return out
 
@@ -197,6 +199,36 @@ class TTSPipeline:
         joined = f"{prompt_text.strip()}, {text.strip()}" if prompt_text.strip() else text.strip()
         ids = self.frontend(joined, language)
         return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def _prompt(self, prompt_wav, prompt_audio, prompt_sample_rate: int, threshold: float):
+        if prompt_audio is None:
+            if prompt_wav is None:
+                raise ValueError("give prompt_wav (a file) or prompt_audio (a waveform): FlexiCodec-TTS is zero-shot")
+            key = str(Path(prompt_wav).resolve())
+            if (key, threshold) in self._prompt_cache:
+                return self._prompt_cache[(key, threshold)]
+            prompt_audio, prompt_sample_rate = read_prompt(prompt_wav)
+            return self.encode_prompt(prompt_audio, prompt_sample_rate, threshold, key)
+        return self.encode_prompt(prompt_audio, prompt_sample_rate, threshold)
+
+    def _render(self, tokens: Tensor, durations: Tensor, prompt: tuple[Tensor, Tensor, Tensor], seed: int,
+                stopped: bool, threshold: float, timings: dict) -> TTSResult:
+        """NAR + vocoder for one utterance's generated tokens."""
+        if tokens.numel() == 0:
+            raise RuntimeError("the AR model produced no tokens (EOS first): an untrained model or a too strict "
+                               "min/max token ratio")
+        p_tokens, p_durations, p_mel = prompt
+        nc = self.nar_config
+        t0 = time.perf_counter()
+        mel = self.nar.synthesize(tokens, durations, torch.repeat_interleave(p_tokens, p_durations), p_mel,
+                                  n_timesteps=nc.n_timesteps, cfg=nc.cfg, rescale_cfg=nc.rescale_cfg, seed=int(seed))
+        t1 = time.perf_counter()
+        audio = self.vocoder(mel.transpose(0, 1)[None].float())[0, 0].clamp(-1, 1).cpu()
+        t2 = time.perf_counter()
+        timings = {**timings, "nar": t1 - t0, "vocoder": t2 - t1}
+        timings["total"] = sum(timings[k] for k in ("prompt", "ar", "nar", "vocoder"))
+        return TTSResult(audio, OUT_RATE, tokens.cpu(), durations.cpu(), p_tokens.cpu(), p_durations.cpu(), threshold,
+                         stopped, timings)
 
     @torch.no_grad()
     def synthesize(self, text: str, prompt_wav: str | Path | None = None, prompt_text: str = "", *,
@@ -206,42 +238,55 @@ class TTSPipeline:
             raise ValueError("text is empty")
         thr = self.threshold_for(frame_rate, threshold)
         t0 = time.perf_counter()
-        if prompt_audio is None:
-            if prompt_wav is None:
-                raise ValueError("give prompt_wav (a file) or prompt_audio (a waveform): FlexiCodec-TTS is zero-shot")
-            prompt_audio, prompt_sample_rate = read_prompt(prompt_wav)
-            key = str(Path(prompt_wav).resolve())
-        else:
-            key = None
-        p_tokens, p_durations, p_mel = self.encode_prompt(prompt_audio, prompt_sample_rate, thr, key)
+        prompt = self._prompt(prompt_wav, prompt_audio, prompt_sample_rate, thr)
         t1 = time.perf_counter()
-
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        gen = generate(self.ar, self.text_ids(text, prompt_text, language), thr, prompt_tokens=p_tokens[None],
-                       prompt_durations=p_durations[None], config=self.sampling, generator=generator)
-        tokens, durations = gen.tokens[0], gen.durations[0]
+        gen = generate(self.ar, self.text_ids(text, prompt_text, language), thr, prompt_tokens=prompt[0][None],
+                       prompt_durations=prompt[1][None], config=self.sampling, generator=generator)
         t2 = time.perf_counter()
-        if tokens.numel() == 0:
-            raise RuntimeError("the AR model produced no tokens (EOS first): an untrained model or a too strict "
-                               "min/max token ratio")
-        nc = self.nar_config
-        mel = self.nar.synthesize(tokens, durations, torch.repeat_interleave(p_tokens, p_durations), p_mel,
-                                  n_timesteps=nc.n_timesteps, cfg=nc.cfg, rescale_cfg=nc.rescale_cfg, seed=int(seed))
-        t3 = time.perf_counter()
-        audio = self.vocoder(mel.transpose(0, 1)[None].float())[0, 0].clamp(-1, 1).cpu()
-        t4 = time.perf_counter()
-        timings = {"prompt": t1 - t0, "ar": t2 - t1, "nar": t3 - t2, "vocoder": t4 - t3, "total": t4 - t0}
-        return TTSResult(audio, OUT_RATE, tokens.cpu(), durations.cpu(), p_tokens.cpu(), p_durations.cpu(), thr,
-                         gen.stopped_by_eos, timings)
+        return self._render(gen.tokens[0], gen.durations[0], prompt, seed, gen.stopped_by_eos, thr,
+                            {"prompt": t1 - t0, "ar": t2 - t1})
 
     def synthesize_request(self, request: TTSRequest) -> TTSResult:
         return self.synthesize(request.text, request.prompt_wav, request.prompt_text, prompt_audio=request.prompt_audio,
                                prompt_sample_rate=request.prompt_sample_rate, frame_rate=request.frame_rate,
                                threshold=request.threshold, language=request.language, seed=request.seed)
 
-    def synthesize_batch(self, requests: list[TTSRequest]) -> list[TTSResult]:
-        """Several utterances; each prompt (file) is tokenised once per threshold."""
-        return [self.synthesize_request(r) for r in requests]
+    @torch.no_grad()
+    def synthesize_batch(self, requests: list[TTSRequest], max_batch: int = 16) -> list[TTSResult | Exception]:
+        """Several utterances: the AR decodes up to `max_batch` of them together (KV-cached, each with its own
+        threshold and prompt); the NAR and vocoder run per utterance. The AR draws from one generator seeded by
+        the batch's first request (greedy decoding equals one-at-a-time). A request that fails (missing prompt,
+        unknown frame rate, no tokens) gets its exception in its slot; the others are synthesised."""
+        results: list[TTSResult | Exception | None] = [None] * len(requests)
+        ready = []
+        for i, r in enumerate(requests):
+            try:
+                if not r.text.strip():
+                    raise ValueError("text is empty")
+                thr = self.threshold_for(r.frame_rate, r.threshold)
+                t0 = time.perf_counter()
+                prompt = self._prompt(r.prompt_wav, r.prompt_audio, r.prompt_sample_rate, thr)
+                ready.append((i, thr, prompt, self.text_ids(r.text, r.prompt_text, r.language),
+                              time.perf_counter() - t0))
+            except (ValueError, FileNotFoundError) as e:
+                results[i] = e
+        for start in range(0, len(ready), max_batch):
+            chunk = ready[start:start + max_batch]
+            generator = torch.Generator(device="cpu").manual_seed(int(requests[chunk[0][0]].seed))
+            t0 = time.perf_counter()
+            gens = generate_batch(self.ar, [c[3] for c in chunk], [c[1] for c in chunk],
+                                  prompt_tokens=[c[2][0][None] for c in chunk],
+                                  prompt_durations=[c[2][1][None] for c in chunk], config=self.sampling,
+                                  generator=generator)
+            ar_share = (time.perf_counter() - t0) / len(chunk)  # one decode for the chunk: shared evenly
+            for (i, thr, prompt, _, prompt_s), gen in zip(chunk, gens):
+                try:
+                    results[i] = self._render(gen.tokens[0], gen.durations[0], prompt, requests[i].seed,
+                                              gen.stopped_by_eos, thr, {"prompt": prompt_s, "ar": ar_share})
+                except RuntimeError as e:
+                    results[i] = e
+        return results
 
 
 def expected_num_samples(durations: Tensor, scale_factor: int = 4, hop: int = HOP_LENGTH) -> int:
