@@ -101,3 +101,16 @@ def test_two_process_ddp_ar_tts(corpus, tmp_path, monkeypatch):
     # the rank-0 checkpoint holds finite weights
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_resumed_stream_does_not_replay_the_first_shards(corpus):
+    from types import SimpleNamespace
+
+    from flexitrain.tasks.ar_tts_data import ARTTSDataModule
+
+    dm = ARTTSDataModule(f"{corpus}/train", source="codec", num_workers=0, g2p=False)
+    fresh = dm.train_dataloader().dataset
+    dm.trainer = SimpleNamespace(global_step=40)  # what Lightning has restored when it asks for the loader
+    resumed = dm.train_dataloader().dataset
+    assert (fresh.epoch, resumed.epoch) == (0, 40)
+    assert len(fresh.urls) >= 3 and resumed.shard_order(40) != fresh.shard_order(0)

@@ -203,6 +203,11 @@ class ARTTSDataModule(L.LightningDataModule):
     def _loader(self, urls, train: bool):
         rank, world = self._dist()
         ds = ARTTSDataset(urls, shuffle=train, repeat=train, rank=rank, world_size=world, **self.kw)
+        if train:
+            # The stream is endless and restarts with the process: a run resumed at step N starts a fresh shuffle
+            # seeded by N instead of replaying the first shards of epoch 0 after every requeue (statistically a
+            # continuation; not batch-exact like the codec loader, which would have to re-read N batches).
+            ds.epoch = int(getattr(getattr(self, "trainer", None), "global_step", 0) or 0)
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, worker_init_fn=ignore_job_signals,
                           persistent_workers=train and self.num_workers > 0)
 
