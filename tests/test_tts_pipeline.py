@@ -119,6 +119,24 @@ def test_batch_mode_equals_one_at_a_time_and_isolates_failures(modules, prompt_w
         assert out[i].timings["ar"] > 0 and out[i].rtf > 0
 
 
+def test_prompt_pace_floor_keeps_eos_away(modules, prompt_wav):
+    from flexitrain.models.tts.sampling import SamplingConfig
+    from flexitrain.tts import TTSPipeline
+    from flexitrain.tts.pipeline import NARConfig
+
+    tts = TTSPipeline(*modules, sampling=SamplingConfig(top_k=5, max_token_text_ratio=20.0),
+                      nar_config=NARConfig(n_timesteps=1), min_prompt_pace=1.0)
+    p_tokens = tts._prompt(prompt_wav, None, 16000, 0.91)[0].numel()
+    short, long = (tts.min_tokens(t, "A prompt.", "en", p_tokens) for t in ("Hi.", "Hello there, this is longer."))
+    assert 0 < short < long  # proportional to the target text at the prompt's tokens-per-text-id pace
+    assert tts.min_tokens("Hi.", "", "en", p_tokens) == 0  # no prompt transcript: no pace to follow
+    for seed in range(3):
+        r = tts.synthesize("Hello there, this is longer.", prompt_wav, "A prompt.", threshold=0.91, seed=seed)
+        assert r.tokens.numel() >= long
+    off = TTSPipeline(*modules, min_prompt_pace=0.0)
+    assert off.min_tokens("Hello there, this is longer.", "A prompt.", "en", p_tokens) == 0
+
+
 def test_bad_requests_are_clear_errors(pipeline, prompt_wav, tmp_path):
     with pytest.raises(ValueError, match="frame rate 10.0 Hz is not configured"):
         pipeline.synthesize("Hi.", prompt_wav, frame_rate=10.0)

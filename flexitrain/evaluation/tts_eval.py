@@ -185,7 +185,7 @@ def build_pipeline(cfg):
         cfg.ar, cfg.nar, cfg.vocoder, codec=cfg.get("codec"),
         teacher=OmegaConf.to_container(cfg.teacher) if cfg.get("teacher") else None, frame_rates=frame_rates,
         sampling=SamplingConfig(**OmegaConf.to_container(cfg.sampling)), nar_config=NARConfig(**cfg.nar_sampling),
-        device=cfg.device)
+        device=cfg.device, min_prompt_pace=float(cfg.get("min_prompt_pace", 0.0)))
 
 
 def run_tts_eval(cfg: DictConfig | dict) -> dict[str, Any]:

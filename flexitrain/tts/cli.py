@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--duration-temperature", type=float, default=1.0)
     s.add_argument("--max-token-text-ratio", type=float, default=20.0, help="length cap: tokens per text id")
     s.add_argument("--min-token-text-ratio", type=float, default=0.0, help="no EOS before this many tokens per text id")
+    s.add_argument("--min-prompt-pace", type=float, default=0.0,
+                   help="> 0: no EOS before this fraction of the prompt's tokens-per-text-id pace (weak demo models)")
     s.add_argument("--steps", type=int, default=15, help="NAR Euler steps")
     s.add_argument("--cfg", type=float, default=2.0, help="NAR classifier-free guidance strength")
     s.add_argument("--rescale-cfg", type=float, default=0.75)
@@ -98,7 +100,8 @@ def build_pipeline(args):
                               min_token_text_ratio=args.min_token_text_ratio)
     return TTSPipeline.from_checkpoints(args.ar, args.nar, args.vocoder, codec=args.codec, teacher=teacher,
                                         frame_rates=frame_rates, sampling=sampling,
-                                        nar_config=NARConfig(args.steps, args.cfg, args.rescale_cfg), device=args.device)
+                                        nar_config=NARConfig(args.steps, args.cfg, args.rescale_cfg), device=args.device,
+                                        min_prompt_pace=args.min_prompt_pace)
 
 
 def _line(name: str, r) -> str:

@@ -106,13 +106,17 @@ def read_prompt(path: str | Path) -> tuple[Tensor, int]:
 class TTSPipeline:
     def __init__(self, ar: nn.Module, nar: nn.Module, vocoder: nn.Module, codec: nn.Module, teacher: nn.Module,
                  frame_rates: dict[float, float] | None = None, sampling: SamplingConfig | None = None,
-                 nar_config: NARConfig | None = None, device: str | torch.device = "cpu"):
+                 nar_config: NARConfig | None = None, device: str | torch.device = "cpu", min_prompt_pace: float = 0.0):
         self.device = torch.device(device)
         self.ar, self.nar, self.vocoder = ar.eval().to(self.device), nar.eval().to(self.device), vocoder.eval().to(self.device)
         self.codec, self.teacher = codec.eval().to(self.device), teacher.eval().to(self.device)
         self.frame_rates = dict(frame_rates or DEFAULT_FRAME_RATES)
         self.sampling = sampling or SamplingConfig()
         self.nar_config = nar_config or NARConfig()
+        # > 0: no EOS before min_prompt_pace × (prompt tokens per prompt-text id) × target-text ids. Off by default
+        # (the official decoder has only the text-ratio floor); it keeps weak models (the CPU demos) from stopping
+        # at the typical utterance length counted from the start of the prompt.
+        self.min_prompt_pace = float(min_prompt_pace)
         self.mel = Mel24k().to(self.device)
         self._frontend = None
         self._prompt_cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
@@ -195,6 +199,12 @@ class TTSPipeline:
             self._prompt_cache[(key, threshold)] = out
         return out
 
+    def min_tokens(self, text: str, prompt_text: str, language: str, prompt_tokens: int) -> int:
+        if self.min_prompt_pace <= 0 or not prompt_text.strip() or prompt_tokens == 0:
+            return 0
+        n_prompt, n_text = (len(self.frontend(t, language)) - 1 for t in (prompt_text, text))  # minus the language id
+        return int(self.min_prompt_pace * prompt_tokens / max(1, n_prompt) * n_text)
+
     def text_ids(self, text: str, prompt_text: str, language: str) -> Tensor:
         joined = f"{prompt_text.strip()}, {text.strip()}" if prompt_text.strip() else text.strip()
         ids = self.frontend(joined, language)
@@ -242,7 +252,8 @@ class TTSPipeline:
         t1 = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         gen = generate(self.ar, self.text_ids(text, prompt_text, language), thr, prompt_tokens=prompt[0][None],
-                       prompt_durations=prompt[1][None], config=self.sampling, generator=generator)
+                       prompt_durations=prompt[1][None], config=self.sampling, generator=generator,
+                       min_tokens=self.min_tokens(text, prompt_text, language, prompt[0].numel()))
         t2 = time.perf_counter()
         return self._render(gen.tokens[0], gen.durations[0], prompt, seed, gen.stopped_by_eos, thr,
                             {"prompt": t1 - t0, "ar": t2 - t1})
@@ -268,7 +279,8 @@ class TTSPipeline:
                 t0 = time.perf_counter()
                 prompt = self._prompt(r.prompt_wav, r.prompt_audio, r.prompt_sample_rate, thr)
                 ready.append((i, thr, prompt, self.text_ids(r.text, r.prompt_text, r.language),
-                              time.perf_counter() - t0))
+                              time.perf_counter() - t0,
+                              self.min_tokens(r.text, r.prompt_text, r.language, prompt[0].numel())))
             except (ValueError, FileNotFoundError) as e:
                 results[i] = e
         for start in range(0, len(ready), max_batch):
@@ -278,9 +290,9 @@ class TTSPipeline:
             gens = generate_batch(self.ar, [c[3] for c in chunk], [c[1] for c in chunk],
                                   prompt_tokens=[c[2][0][None] for c in chunk],
                                   prompt_durations=[c[2][1][None] for c in chunk], config=self.sampling,
-                                  generator=generator)
+                                  generator=generator, min_tokens=[c[5] for c in chunk])
             ar_share = (time.perf_counter() - t0) / len(chunk)  # one decode for the chunk: shared evenly
-            for (i, thr, prompt, _, prompt_s), gen in zip(chunk, gens):
+            for (i, thr, prompt, _, prompt_s, _), gen in zip(chunk, gens):
                 try:
                     results[i] = self._render(gen.tokens[0], gen.durations[0], prompt, requests[i].seed,
                                               gen.stopped_by_eos, thr, {"prompt": prompt_s, "ar": ar_share})

@@ -348,7 +348,9 @@ class FlexiCodec(nn.Module):
         f = self.semantic_downsample_factor
         if not use_padding_mask:
             sem = downsample_features(semantic, f)
-            acoustic = self.dac.encoder(self.dac.pad_to_hop(audio))
+            # Inference runs the convs channels-last too (same math, float rounding differs ~1e-7).
+            fast = self.fast_conv_layout and not torch.is_grad_enabled()
+            acoustic = self.dac.encoder(self.dac.pad_to_hop(audio), channels_last=fast)
             T = min(acoustic.shape[-1], sem.shape[-1])
             if T == 0:
                 raise ValueError("input too short: no 12.5 Hz frame after downsampling the semantic features")
@@ -522,7 +524,7 @@ class FlexiCodec(nn.Module):
         # Masks only matter when items end at different frames (the batch's longest needs none).
         ragged = use_padding_mask and bool((frame_lengths != latent.shape[-1]).any())
         return self.decode_latent(latent, frame_lengths if ragged else None,
-                                  channels_last=use_padding_mask and self.fast_conv_layout)
+                                  channels_last=self.fast_conv_layout and not torch.is_grad_enabled())
 
     @torch.no_grad()
     def decode(self, tokens: CodecTokens, sample_rate: int | None = None, use_padding_mask: bool = True) -> CodecAudio:

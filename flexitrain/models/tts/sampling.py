@@ -65,12 +65,14 @@ def _full_recompute(model: ARTTSModel, inputs: list[torch.Tensor]) -> torch.Tens
 def generate(model: ARTTSModel, text: torch.Tensor, framerate: float | None,
              prompt_text: torch.Tensor | None = None, prompt_tokens: torch.Tensor | None = None,
              prompt_durations: torch.Tensor | None = None, config: SamplingConfig | None = None,
-             generator: torch.Generator | None = None, record: bool = False) -> GenerationResult:
+             generator: torch.Generator | None = None, record: bool = False,
+             min_tokens: int = 0) -> GenerationResult:
     """Generate speech tokens and durations for one utterance.
 
     text [1, L] target text ids (language token first); prompt_text [1, Lp] the prompt's transcript ids,
     prepended to the text; prompt_tokens/prompt_durations [1, P] the prompt audio's tokens at the
-    same threshold ``framerate`` (see ``encode_prompt``).
+    same threshold ``framerate`` (see ``encode_prompt``). min_tokens: EOS is masked before this many tokens
+    (besides ``min_token_text_ratio``; capped by the maximum length).
     """
     cfg = config or SamplingConfig()
     if model.training:
@@ -82,7 +84,7 @@ def generate(model: ARTTSModel, text: torch.Tensor, framerate: float | None,
     max_len = int(text.size(1) * cfg.max_token_text_ratio)
     if cfg.max_tokens is not None:
         max_len = min(max_len, cfg.max_tokens)
-    min_len = int(text.size(1) * cfg.min_token_text_ratio)
+    min_len = min(max(int(text.size(1) * cfg.min_token_text_ratio), int(min_tokens)), max_len)
 
     previous_duration = 0  # conditioning for the first token: the last prompt token's duration, or "start"
     if prompt_tokens is not None and prompt_tokens.numel() and model.use_duration_conditioning:
@@ -221,7 +223,8 @@ def _batch_prefix(model: ARTTSModel, texts: list[torch.Tensor], framerate, promp
 def generate_batch(model: ARTTSModel, texts: Rows, framerate: float | Sequence[float] | torch.Tensor | None,
                    prompt_texts: Rows = None, prompt_tokens: Rows = None, prompt_durations: Rows = None,
                    config: SamplingConfig | None = None, generator: torch.Generator | None = None, *,
-                   text_lengths=None, prompt_text_lengths=None, prompt_lengths=None) -> list[GenerationResult]:
+                   text_lengths=None, prompt_text_lengths=None, prompt_lengths=None,
+                   min_tokens: Sequence[int] | None = None) -> list[GenerationResult]:
     """``generate`` for B utterances at once -> B results, in order.
 
     texts: B target-text id tensors [1, L_b] (or [L_b]), or a padded [B, L] tensor with ``text_lengths``;
@@ -256,7 +259,10 @@ def generate_batch(model: ARTTSModel, texts: Rows, framerate: float | Sequence[f
     max_len = (target_lengths * cfg.max_token_text_ratio).long()  # int() of a non-negative float
     if cfg.max_tokens is not None:
         max_len = max_len.clamp(max=cfg.max_tokens)
-    min_len = (target_lengths * cfg.min_token_text_ratio).long().to(device)
+    min_len = (target_lengths * cfg.min_token_text_ratio).long()
+    if min_tokens is not None:  # per-item floors (e.g. from the prompt's speaking rate), never above the cap
+        min_len = torch.maximum(min_len, torch.as_tensor(list(min_tokens), dtype=torch.long))
+    min_len = torch.minimum(min_len, max_len).to(device)
     max_len = max_len.to(device)
     previous = [0] * batch  # conditioning of the first token: the last prompt token's duration, or "start"
     for b in range(batch):
