@@ -158,3 +158,45 @@ def test_training_forward_losses_and_gradients():
     bypass = m(wav, semantic_features=sem, bypass_quantize=True, threshold=1.0)
     assert bypass.acoustic_codes is None and float(bypass.commitment_loss) == 0.0 and bypass.bypassed_quantize
     assert bypass.token_lengths.shape[1] == 24
+
+
+def test_inference_fast_paths_match_plain_computation(monkeypatch):
+    """The blocked / in-place channels-last inference paths (Snake in cache-sized blocks, residual
+    GEMM accumulated into its input) give the plain module results bit for bit, leave the
+    caller's tensors alone, and the DAC decoder matches its [B, C, T] computation to rounding."""
+    from flexitrain.models.codec import layers
+    from flexitrain.models.codec.dac import ResidualUnit, to_channels_last
+
+    monkeypatch.setattr(layers, "_CHUNK", 40 * 7)  # several blocks and a ragged last one
+    torch.manual_seed(0)
+    unit = ResidualUnit(40, dilation=3).eval()
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(2, 40, 1, 53).contiguous(memory_format=torch.channels_last)
+        alpha = unit.block[0].alpha
+        plain = x + (alpha[..., None] + 1e-9).reciprocal() * torch.sin(alpha[..., None] * x).pow(2)
+        keep = x.clone()
+        assert torch.equal(layers.snake_channels_last(x, alpha), plain) and torch.equal(x, keep)
+        y = x.clone()
+        assert torch.equal(layers.snake_channels_last(y, alpha, inplace=True), plain) and torch.equal(y, plain)
+        ref = unit(x)
+        assert torch.equal(x, keep)
+        z = x.clone()
+        out = unit(z, inplace=True)
+        assert torch.equal(out, ref) and out.data_ptr() == z.data_ptr()
+        assert torch.allclose(ref.squeeze(2), unit.block(x.squeeze(2).contiguous()) + x.squeeze(2), atol=1e-5)
+
+        m = FlexiCodec(**TINY).eval()
+        lat = torch.randn(2, m.latent_dim, 6)
+        lat_copy = lat.clone()
+        fast = m.dac.decoder(lat, channels_last=True)
+        assert torch.equal(lat, lat_copy)
+        assert torch.allclose(fast, m.dac.decoder(lat), atol=1e-5)
+        wav = torch.randn(2, 1, 6 * m.hop_length)
+        wav_copy = wav.clone()
+        lens = torch.tensor([6, 4]) * m.hop_length
+        enc = m.dac.encoder(wav, lens, channels_last=True)
+        assert torch.equal(wav, wav_copy)
+        assert torch.allclose(enc, m.dac.encoder(wav, lens), atol=1e-5)
+        assert torch.equal(to_channels_last(lat).squeeze(2), lat)

@@ -152,9 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (GPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--official-src", type=Path, help="checkout of amphionspace/FlexiCodec to compare against")
+    ap.add_argument("--compile-snake", action="store_true",
+                    help="opt-in: torch.compile the inference Snake (needs a C++ compiler; compiles on the warm-up)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_snake:
+        from flexitrain.models.codec.layers import enable_compiled_snake
+
+        enable_compiled_snake()
 
     torch.manual_seed(0)
     model = FlexiCodec(**RELEASED_CONFIG).eval().to(args.device)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Snake1d, WNConv1d, WNConvTranspose1d
+from .layers import Snake1d, WNConv1d, WNConvTranspose1d, rows_layout, snake_channels_last
 from .rvq import ResidualVectorQuantize
 
 
@@ -28,36 +28,70 @@ class ResidualUnit(nn.Module):
             WNConv1d(dim, dim, kernel_size=1),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and not torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last):
-            return self._forward_channels_last(x)
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace`` (inference, channels-last only): accumulate the result into ``x``."""
+        if not torch.is_grad_enabled() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return self._forward_channels_last(x, inplace)
         y = self.block(x)
         pad = (x.shape[-1] - y.shape[-1]) // 2  # 0 with "same" padding; kept for odd configs
         if pad > 0:
             x = x[..., pad:-pad]
         return x + y
 
-    def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        # Inference in [B, C, 1, T] channels-last memory (= [B*T, C] rows): the 1x1 conv and the
-        # residual add become one GEMM accumulating into a copy of x (one pass fewer over the output).
-        y = self.block[2](self.block[1](self.block[0](x)))
+    def _residual_1x1(self, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
         conv = self.block[3]
         C = x.shape[1]
+        B, _, H, T = x.shape
         rows = y.permute(0, 2, 3, 1).reshape(-1, C)
-        out = torch.addmm(x.permute(0, 2, 3, 1).reshape(-1, C), rows, conv.weight[:, :, 0].t())
+        w = conv.weight[:, :, 0].t()
+        if inplace and rows_layout(x) and rows.dtype == x.dtype == w.dtype:
+            out = x.permute(0, 2, 3, 1).view(-1, C)
+            out.addmm_(rows, w)
+        else:
+            out = torch.addmm(x.permute(0, 2, 3, 1).reshape(-1, C), rows, w)
         if conv.bias is not None:
             out.add_(conv.bias)
-        B, _, H, T = x.shape
         return out.view(B, H, T, C).permute(0, 3, 1, 2)
 
+    def _forward_channels_last(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        # Inference in [B, C, 1, T] channels-last memory (= [B*T, C] rows): the 1x1 conv and the
+        # residual add become one GEMM accumulating into x (or a copy of it). On CPU the Snakes run
+        # blocked (the second in place on the conv output), so only the first Snake and the k7 conv
+        # allocate activation-sized buffers.
+        snake1, conv7, snake2, conv = self.block
+        if rows_layout(x):
+            y = conv7(snake_channels_last(x, snake1.alpha))
+            if rows_layout(y):
+                y = snake_channels_last(y, snake2.alpha, inplace=True)
+            else:
+                y = snake2(y)
+        else:
+            y = snake2(conv7(snake1(x)))
+        return self._residual_1x1(x, y, inplace)
 
-def time_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+
+def run_units(units, x: torch.Tensor, lengths: torch.Tensor | None, inplace: bool) -> torch.Tensor:
+    """Residual units in sequence (``inplace``: inference on an owned ``x``, overwritten)."""
+    for unit in units:
+        x = unit(time_mask(x, lengths, inplace), inplace=inplace)
+    return x
+
+
+def time_mask(x: torch.Tensor, lengths: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
     """Zero ``x`` ``[B, C, T]`` past each item's length, so the next conv sees what it would
     see for the item alone (zero padding). Snake(0) = 0, so masking before a Snake is enough."""
     if lengths is None:
         return x
     keep = torch.arange(x.shape[-1], device=x.device) < lengths.unsqueeze(1)
-    return x * keep.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]).to(x.dtype)
+    keep = keep.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]).to(x.dtype)
+    return x.mul_(keep) if inplace else x * keep
+
+
+def snake_owned(snake: Snake1d, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """Snake that may overwrite ``x`` (inference on an intermediate nobody else holds)."""
+    if inplace and rows_layout(x):
+        return snake_channels_last(x, snake.alpha, inplace=True)
+    return snake(x)
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -87,13 +121,13 @@ class EncoderBlock(nn.Module):
             WNConv1d(dim // 2, dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2)),
         )
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
-        if lengths is None:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, inplace: bool = False):
+        """``inplace`` (inference): ``x`` is an intermediate the block may overwrite."""
+        if lengths is None and not inplace:
             return self.block(x)
-        for unit in self.block[:3]:
-            x = unit(time_mask(x, lengths))
-        x = self.block[4](self.block[3](time_mask(x, lengths)))
-        return x, conv_out_length(lengths, self.block[4])
+        x = run_units(self.block[:3], x, lengths, inplace)
+        x = self.block[4](snake_owned(self.block[3], time_mask(x, lengths, inplace), inplace))
+        return x if lengths is None else (x, conv_out_length(lengths, self.block[4]))
 
 
 class Encoder(nn.Module):
@@ -114,13 +148,17 @@ class Encoder(nn.Module):
         ``channels_last`` runs the convs in a faster layout (same math, different rounding)."""
         if channels_last:
             x = to_channels_last(x)
-        if lengths is None:
+        inplace = channels_last and not torch.is_grad_enabled()  # intermediates are updated in place
+        if lengths is None and not inplace:
             x = self.block(x)
         else:
             x = self.block[0](time_mask(x, lengths))
             for blk in self.block[1:-2]:
-                x, lengths = blk(x, lengths)
-            x = self.block[-1](self.block[-2](time_mask(x, lengths)))
+                if lengths is None:
+                    x = blk(x, inplace=inplace)
+                else:
+                    x, lengths = blk(x, lengths, inplace=inplace)
+            x = self.block[-1](snake_owned(self.block[-2], time_mask(x, lengths, inplace), inplace))
         return from_channels_last(x) if channels_last else x
 
 
@@ -136,14 +174,15 @@ class DecoderBlock(nn.Module):
             ResidualUnit(output_dim, dilation=9),
         )
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None):
-        if lengths is None:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, inplace: bool = False):
+        """``inplace`` (inference): ``x`` is an intermediate the block may overwrite."""
+        if lengths is None and not inplace:
             return self.block(x)
-        x = self.block[1](self.block[0](time_mask(x, lengths)))
-        lengths = conv_out_length(lengths, self.block[1])
-        for unit in self.block[2:]:
-            x = unit(time_mask(x, lengths))
-        return x, lengths
+        x = self.block[1](snake_owned(self.block[0], time_mask(x, lengths, inplace), inplace))
+        if lengths is not None:
+            lengths = conv_out_length(lengths, self.block[1])
+        x = run_units(self.block[2:], x, lengths, inplace)
+        return x if lengths is None else (x, lengths)
 
 
 class Decoder(nn.Module):
@@ -163,13 +202,17 @@ class Decoder(nn.Module):
         """``[B, latent, T]`` → ``[B, 1, hop·T - δ]``; ``lengths`` (frames) masks padded frames."""
         if channels_last:
             x = to_channels_last(x)
-        if lengths is None:
+        inplace = channels_last and not torch.is_grad_enabled()  # intermediates are updated in place
+        if lengths is None and not inplace:
             x = self.model(x)
         else:
             x = self.model[0](time_mask(x, lengths))
             for blk in self.model[1:-3]:
-                x, lengths = blk(x, lengths)
-            x = self.model[-1](self.model[-2](self.model[-3](time_mask(x, lengths))))
+                if lengths is None:
+                    x = blk(x, inplace=inplace)
+                else:
+                    x, lengths = blk(x, lengths, inplace=inplace)
+            x = self.model[-1](self.model[-2](snake_owned(self.model[-3], time_mask(x, lengths, inplace), inplace)))
         return from_channels_last(x) if channels_last else x
 
 

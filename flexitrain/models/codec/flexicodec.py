@@ -232,9 +232,10 @@ class FlexiCodec(nn.Module):
         self.use_query_token_aggregator = use_query_token_aggregator
         self.decode_semantic_for_codec = decode_semantic_for_codec
         self.ssl_dim = ssl_dim
-        # DAC convs in the [B, C, 1, T] channels-last layout on the masked (new API) path: same math,
-        # ~1.3x faster with oneDNN (no layout reorders, 1x1 conv + residual as one GEMM); rounding
-        # differs (~1e-7). The official-compatible path (use_padding_mask=False) keeps [B, C, T].
+        # Inference (no grad) runs the DAC convs in the [B, C, 1, T] channels-last layout on both
+        # paths: same math, faster with oneDNN (no layout reorders, 1x1 conv + residual as one GEMM
+        # into the input, Snakes in cache-sized blocks / in place); rounding differs (~1e-7, codes
+        # identical on the reference cases). Training forward keeps [B, C, T] on the official path.
         self.fast_conv_layout = True
 
         # Registration order follows the official module (state-dict key order).

@@ -121,6 +121,81 @@ def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return t.add_(x)
 
 
+_CHUNK = 1 << 18  # elements per block of the channels-last Snake (1 MiB fp32: stays in L2)
+
+
+def _snake_rows(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Snake over a channels-last ``[B, C, 1, T]`` tensor (inference), block by block.
+
+    Each block of rows ``[r, C]`` goes through one small reused temporary (cache-resident), so the
+    five element-wise passes cost one pass over memory, and no activation-sized temporary is
+    allocated (large fresh buffers cost page faults). ``out=None`` updates ``x`` in place (for a
+    tensor nobody else needs); else the result goes to ``out``. Same formula and rounding as
+    :func:`snake`.
+    """
+    C = x.shape[1]
+    rows = x.permute(0, 2, 3, 1).view(-1, C)  # a view (channels-last memory)
+    dst = rows if out is None else out.permute(0, 2, 3, 1).view(-1, C)
+    a = alpha.reshape(-1).to(x.dtype)
+    inv = (a + 1e-9).reciprocal()
+    n = rows.shape[0]
+    r = max(1, min(n, _CHUNK // max(C, 1)))
+    tmp = torch.empty(r, C, dtype=x.dtype, device=x.device)
+    for s in range(0, n, r):
+        src = rows[s:s + r]
+        t = tmp[:src.shape[0]]
+        torch.mul(src, a, out=t)
+        t.sin_()
+        t.mul_(t)
+        t.mul_(inv)
+        torch.add(t, src, out=dst[s:s + r])
+    return x if out is None else out
+
+
+_COMPILED_SNAKE: tuple | None = None
+
+
+def _snake_formula(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+
+
+def _snake_formula_(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return x.copy_(_snake_formula(x, alpha))
+
+
+def enable_compiled_snake(enabled: bool = True) -> None:
+    """Opt-in (off by default): run the inference Snake of the channels-last CPU path as one
+    ``torch.compile``'d (inductor) kernel instead of five ATen passes (codec encode+decode 1.06x faster at batch 4 x 6 s, 1.14x at
+    16 x 6 s on a 2-core CPU).
+
+    Needs a working C++ compiler; the first call compiles (10-60 s; inductor caches it on disk).
+    Same formula; the fused kernel may round the last bit differently (|Δ| ~1e-7).
+    """
+    global _COMPILED_SNAKE
+    _COMPILED_SNAKE = None
+    if enabled:
+        _COMPILED_SNAKE = (torch.compile(_snake_formula, dynamic=True), torch.compile(_snake_formula_, dynamic=True))
+
+
+def snake_channels_last(x: torch.Tensor, alpha: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Inference Snake for channels-last ``[B, C, 1, T]``; ``inplace`` overwrites ``x`` (in place it
+    is ~2x faster: a fresh activation-sized output costs page faults as well as the arithmetic)."""
+    if alpha.dtype != x.dtype:
+        return snake(x, alpha)
+    if _COMPILED_SNAKE is not None:
+        return _COMPILED_SNAKE[1 if inplace else 0](x, alpha.view(1, -1, 1, 1))
+    if inplace:
+        return _snake_rows(x, alpha, None)
+    return _snake_rows(x, alpha, torch.empty_like(x, memory_format=torch.channels_last))
+
+
+def rows_layout(x: torch.Tensor) -> bool:
+    """True for a CPU float32 ``[B, C, 1, T]`` channels-last tensor (= ``[B*T, C]`` rows) outside
+    autocast: where the blocked / in-place inference paths apply (same dtypes as the plain path)."""
+    return x.dim() == 4 and x.shape[2] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" \
+        and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled("cpu")
+
+
 class Snake1d(nn.Module):
     def __init__(self, channels: int, device=None):
         super().__init__()
