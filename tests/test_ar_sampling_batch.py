@@ -8,15 +8,9 @@ import torch
 from flexitrain.models.tts.ar_tts import ARTTSModel, tiny_config
 from flexitrain.models.tts.sampling import SamplingConfig, generate, generate_batch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = dict(top_k=1, duration_top_k=1, max_token_text_ratio=3.0, min_token_text_ratio=0.7)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: extra threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_model(seed=0, eos_bias=0.0, **kw):

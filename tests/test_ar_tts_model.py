@@ -10,13 +10,7 @@ from flexitrain.models.tts.ar_checkpoint import load_ar_weights
 from flexitrain.models.tts.ar_tts import IGNORE_ID, ARTTSModel, released_config, tiny_config
 from flexitrain.models.tts.sampling import SamplingConfig, generate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: extra threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 
 from flexitrain.models.tts.sampling import SamplingConfig, generate
 from flexitrain.tasks.ar_tts import ARTTSTask
-from flexitrain.tasks.ar_tts_data import ARTTSDataset, codec_targets, threshold_key
+from flexitrain.tasks.ar_tts_data import ARTTSDataset, codec_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -79,14 +79,6 @@ def write_corpus(path: Path, n: int = 6) -> Path:
 MODEL = dict(text_token_size=51866, speech_token_size=FakeCodec.vocab, text_encoder_dim=64, text_encoder_heads=4,
              text_encoder_ffn=128, text_encoder_blocks=1, llm_dim=64, llm_heads=4, llm_ffn=128, llm_blocks=2,
              dropout_rate=0.0, positional_dropout_rate=0.0, spk_embed_dim=8)
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: extra threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(n)
 
 
 def test_overfit_handful_of_utterances(one_thread):

@@ -37,6 +37,17 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
+def append_records(sink, new: list[dict], done: set, records: list[dict]) -> int:
+    """Stream new per-utterance records to the open jsonl `sink` (flushed: an interruption loses nothing
+    scored) and note them as done; returns how many were written."""
+    for rec in new:
+        sink.write(json.dumps(rec) + "\n")
+        done.add((rec["key"], rec["setting"]))
+    sink.flush()
+    records += new
+    return len(new)
+
+
 def _eval_batches(data_cfg: dict, split: str, max_utterances: int | None):
     """Yield full-length utterance batches of the chosen split (rank 0 of 1; every utterance once)."""
     dm = instantiate(data_cfg)
@@ -115,12 +126,7 @@ def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
                         sf.write(out_dir / "samples" / f"{keys[i]}_{name}.wav", degs[j], sr)
             for i, k in enumerate(keys[: max(0, int(cfg.num_audio_samples) - (n_utts - len(keys)))]):
                 sf.write(out_dir / "samples" / f"{k}_reference.wav", refs[i], sr)
-            for rec in new:
-                sink.write(json.dumps(rec) + "\n")
-                done.add((rec["key"], rec["setting"]))
-            sink.flush()
-            records += new
-            n_new += len(new)
+            n_new += append_records(sink, new, done, records)
             progress.update(task, advance=len(keys))
     scorers.close()
     if not records:

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flexitrain.audio.resample import resample
-from flexitrain.evaluation.codec_eval import _eval_batches, _read_records
+from flexitrain.evaluation.codec_eval import _eval_batches, _read_records, append_records
 from flexitrain.evaluation.loading import file_hash
 from flexitrain.evaluation.report import GT, _fmt
 from flexitrain.evaluation.scorers import Scorers
@@ -228,12 +228,7 @@ def run_tts_eval(cfg: DictConfig | dict) -> dict[str, Any]:
                     "num_tokens": int(r.tokens.numel()), "token_lengths": r.durations.tolist(),
                     "frame_rate": r.frame_rate, "frame_rate_with_prompt": r.frame_rate_with_prompt,
                     "stopped_by_eos": r.stopped_by_eos, "timings": r.timings}))
-            for rec in new:
-                sink.write(json.dumps(rec) + "\n")
-                done.add((rec["key"], rec["setting"]))
-            sink.flush()
-            records += new
-            n_new += len(new)
+            n_new += append_records(sink, new, done, records)
     scorers.close()
     failed = [r for r in records if r.get("failed")]
     scored = [r for r in records if not r.get("failed")]
