@@ -74,6 +74,13 @@ def test_eval_cli_writes_a_complete_report_and_resumes_without_recomputing(tiny_
     again = json.loads((out / "metrics.json").read_text())
     assert again["meta"]["new_records"] == 0
     assert again["settings"] == settings
+    # another model in the same directory: nothing stale is reused (the old records are moved aside)
+    assert not list(out.glob("per_utterance.*.jsonl"))
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(tiny_ckpt.read_bytes() + b"\0")  # same weights, different file hash
+    run_eval(out, other, corpus)
+    assert json.loads((out / "metrics.json").read_text())["meta"]["new_records"] == len(rows)
+    assert len(list(out.glob("per_utterance.*.jsonl"))) == 1
     # compare_reports puts two reports side by side.
     cmp_out = tmp_path / "cmp"
     res = subprocess.run([sys.executable, str(REPO / "tools" / "compare_reports.py"), str(out), str(out),

@@ -73,6 +73,11 @@ def test_tts_eval_over_corpus_pairs_writes_a_complete_report_and_resumes(ckpts, 
     run_tts_eval(out, ckpts, "data=demo", *data, "max_utterances=3", "frame_rates=[8.3,6.25]")
     again = json.loads((out / "metrics.json").read_text())
     assert again["meta"]["new_records"] == 0 and again["settings"] == settings
+    # other sampling settings: the old records are not reused, they are kept aside
+    run_tts_eval(out, ckpts, "data=demo", *data, "max_utterances=3", "frame_rates=[8.3,6.25]", "seed=1")
+    assert json.loads((out / "metrics.json").read_text())["meta"]["new_records"] == 3 * 3
+    stale = list(out.glob("per_utterance.*.jsonl"))
+    assert len(stale) == 1 and len(stale[0].read_text().splitlines()) == 3 * 3
 
 
 def test_tts_eval_from_an_item_file(ckpts, corpus, tmp_path):

@@ -6,6 +6,7 @@ resumes without recomputing anything already scored.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -35,6 +36,21 @@ def _read_records(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut by an interruption: recomputed
             continue
     return records
+
+
+def resumable_records(out_dir: Path, fingerprint: dict) -> tuple[Path, list[dict]]:
+    """`(per_utterance.jsonl path, records to keep)`. Records are reused only if they were scored with the
+    same models and scoring settings (`fingerprint`, kept in eval_state.json); otherwise the old file is moved
+    aside to per_utterance.<its fingerprint>.jsonl (nothing is lost) and the evaluation starts afresh."""
+    path, state = out_dir / "per_utterance.jsonl", out_dir / "eval_state.json"
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    old = json.loads(state.read_text()).get("fingerprint") if state.is_file() else None
+    if path.is_file() and old != key:
+        stale = out_dir / f"per_utterance.{old or 'unknown'}.jsonl"
+        log.warning("%s was scored with other models or settings: moved to %s, starting afresh", path, stale.name)
+        path.replace(stale)
+    state.write_text(json.dumps({"fingerprint": key, "inputs": fingerprint}, indent=2, default=str))
+    return path, _read_records(path)
 
 
 def append_records(sink, new: list[dict], done: set, records: list[dict]) -> int:
@@ -72,8 +88,9 @@ def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
     sr = int(generator.sample_rate)
     scorers = Scorers.from_config(OmegaConf.to_container(cfg.metrics), sr)
     settings = [(float(t), None if q in (None, "all") else int(q)) for q in cfg.num_quantizers for t in cfg.thresholds]
-    records_path = out_dir / "per_utterance.jsonl"
-    records = _read_records(records_path)
+    records_path, records = resumable_records(out_dir, {
+        "model": file_hash(cfg.ckpt), "teacher": OmegaConf.to_container(cfg.teacher) if cfg.get("teacher") else None,
+        "metrics": OmegaConf.to_container(cfg.metrics), "seed": int(cfg.seed)})
     done = {(r["key"], r["setting"]) for r in records}
     data_cfg = OmegaConf.to_container(cfg.data)
     data_cfg.update(num_workers=0, eval_crop_seconds=None, max_batch_size=int(cfg.batch_size))

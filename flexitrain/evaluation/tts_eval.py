@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flexitrain.audio.resample import resample
-from flexitrain.evaluation.codec_eval import _eval_batches, _read_records, append_records
+from flexitrain.evaluation.codec_eval import _eval_batches, append_records, resumable_records
 from flexitrain.evaluation.loading import file_hash
 from flexitrain.evaluation.report import GT, _fmt
 from flexitrain.evaluation.scorers import Scorers
@@ -195,8 +195,11 @@ def run_tts_eval(cfg: DictConfig | dict) -> dict[str, Any]:
     tts = build_pipeline(cfg)
     items = read_items(cfg["items"], cfg.max_utterances) if cfg.get("items") else corpus_pairs(cfg, out_dir)
     scorers = Scorers.from_config({**OmegaConf.to_container(cfg.metrics), "quality": []}, OUT_RATE)
-    records_path = out_dir / "per_utterance.jsonl"
-    records = _read_records(records_path)
+    records_path, records = resumable_records(out_dir, {
+        **{k: file_hash(cfg[k]) for k in ("ar", "nar", "vocoder")}, "codec": file_hash(cfg.codec) if cfg.get("codec") else None,
+        **{k: OmegaConf.to_container(cfg[k]) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
+           for k in ("teacher", "metrics", "sampling", "nar_sampling", "frame_rate_thresholds", "min_prompt_pace", "seed",
+                     "items", "split")}})
     done = {(r["key"], r["setting"]) for r in records}
     start, n_new = time.time(), 0
     with open(records_path, "a") as sink:
