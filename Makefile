@@ -29,7 +29,7 @@ demo: demo-corpus
 	@echo "demo report: $(DEMO_REPORT)/report.md"
 
 # FlexiCodec-TTS on CPU: the three tiny demo stages (AR, NAR, Vocos; targets from one seeded random tiny codec),
-# then one sentence spoken in a new espeak-ng voice and the TTS evaluation at 8.3 and 6.25 Hz (about 15 min on 2
+# then one sentence spoken in a new espeak-ng voice and the TTS evaluation at 8.3 and 6.25 Hz (about 6 min on 2
 # cores). --min-prompt-pace: the tiny AR learns absolute utterance lengths, so EOS is held back to the prompt's pace.
 TTS_REPORT ?= reports/tts_demo
 TTS_MODELS = --ar runs/ar_tts_demo/main/checkpoints/last.ckpt --nar runs/nar_voicebox_demo/main/checkpoints/last.ckpt \
