@@ -88,8 +88,9 @@ def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
     sr = int(generator.sample_rate)
     scorers = Scorers.from_config(OmegaConf.to_container(cfg.metrics), sr)
     settings = [(float(t), None if q in (None, "all") else int(q)) for q in cfg.num_quantizers for t in cfg.thresholds]
+    model_hash = file_hash(cfg.ckpt)
     records_path, records = resumable_records(out_dir, {
-        "model": file_hash(cfg.ckpt), "teacher": OmegaConf.to_container(cfg.teacher) if cfg.get("teacher") else None,
+        "model": model_hash, "teacher": OmegaConf.to_container(cfg.teacher) if cfg.get("teacher") else None,
         "metrics": OmegaConf.to_container(cfg.metrics), "seed": int(cfg.seed)})
     done = {(r["key"], r["setting"]) for r in records}
     data_cfg = OmegaConf.to_container(cfg.data)
@@ -149,7 +150,7 @@ def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
     if not records:
         raise RuntimeError(f"no utterances evaluated: is the {cfg.split} split of {cfg.data} empty?")
     summary = aggregate(records, **codec_rate_info(generator))
-    meta = {"model": str(cfg.ckpt), "model_hash": file_hash(cfg.ckpt), "seed": int(cfg.seed),
+    meta = {"model": str(cfg.ckpt), "model_hash": model_hash, "seed": int(cfg.seed),
             "data": cfg.data.get(f"{cfg.split}_shards"), "num_utterances": n_utts, "audio_seconds": seconds,
             "new_records": n_new, "eval_seconds": round(time.time() - start, 2),
             "config": OmegaConf.to_container(cfg)}

@@ -38,20 +38,28 @@ def codec_rate_info(generator) -> dict[str, int]:
             "acoustic_size": int(generator.dac.quantizer.codebook_size)}
 
 
-def aggregate(records: list[dict], max_tokens_per_group: int, n_codebooks: int, semantic_size: int = 32768,
-              acoustic_size: int = 4096) -> dict[str, Any]:
-    """One summary per setting (pooled WER/CER, mean signal metrics, rates) plus the ground-truth row."""
+def group_by_setting(records: list[dict]) -> dict[str, list[dict]]:
     by_setting: dict[str, list[dict]] = {}
     for r in records:
         by_setting.setdefault(r["setting"], []).append(r)
+    return by_setting
+
+
+def text_errors(recs: list[dict]) -> dict[str, float]:
+    """Pooled WER and CER over the records that have a transcript and a reference text ({} if none)."""
+    pairs = [(r["text"], r["hypothesis"]) for r in recs if r.get("hypothesis") is not None and r.get("text")]
+    if not pairs:
+        return {}
+    refs, hyps = map(list, zip(*pairs))
+    return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps)}
+
+
+def aggregate(records: list[dict], max_tokens_per_group: int, n_codebooks: int, semantic_size: int = 32768,
+              acoustic_size: int = 4096) -> dict[str, Any]:
+    """One summary per setting (pooled WER/CER, mean signal metrics, rates) plus the ground-truth row."""
     out: dict[str, Any] = {}
-    for name, recs in by_setting.items():
-        summary: dict[str, Any] = {"n": len(recs)}
-        texts = [(r["text"], r["hypothesis"]) for r in recs if r.get("hypothesis") is not None and r.get("text")]
-        if texts:
-            refs, hyps = zip(*texts)
-            summary["wer"] = word_error_rate(list(refs), list(hyps))
-            summary["cer"] = char_error_rate(list(refs), list(hyps))
+    for name, recs in group_by_setting(records).items():
+        summary: dict[str, Any] = {"n": len(recs), **text_errors(recs)}
         for key in SIGNAL_KEYS:
             vals = [r[key] for r in recs if key in r]
             if vals:

@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flexitrain.audio.resample import resample
 from flexitrain.evaluation.codec_eval import _eval_batches, append_records, resumable_records
 from flexitrain.evaluation.loading import file_hash
-from flexitrain.evaluation.report import GT, _fmt
+from flexitrain.evaluation.report import GT, _fmt, group_by_setting, text_errors
 from flexitrain.evaluation.scorers import Scorers
-from flexitrain.metrics.wer import char_error_rate, word_error_rate
+from flexitrain.metrics.wer import word_error_rate
+from flexitrain.tts.pipeline import read_prompt
 
 log = logging.getLogger(__name__)
 OUT_RATE = 24000
@@ -98,23 +98,15 @@ def read_items(path: str | Path, max_utterances: int | None) -> list[dict]:
 
 
 def _load(path: str, rate: int) -> np.ndarray:
-    audio, sr = sf.read(path, dtype="float32", always_2d=True)
-    wav = torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1)))
+    wav, sr = read_prompt(path)
     return resample(wav[None], sr, rate)[0].numpy() if sr != rate else wav.numpy()
 
 
 # ------------------------------------------------------------------ aggregation and report
 def aggregate_tts(records: list[dict]) -> dict[str, Any]:
-    by_setting: dict[str, list[dict]] = {}
-    for r in records:
-        by_setting.setdefault(r["setting"], []).append(r)
     out: dict[str, Any] = {}
-    for name, recs in by_setting.items():
-        s: dict[str, Any] = {"n": len(recs)}
-        pairs = [(r["text"], r["hypothesis"]) for r in recs if r.get("hypothesis") is not None]
-        if pairs:
-            refs, hyps = map(list, zip(*pairs))
-            s["wer"], s["cer"] = word_error_rate(refs, hyps), char_error_rate(refs, hyps)
+    for name, recs in group_by_setting(records).items():
+        s: dict[str, Any] = {"n": len(recs), **text_errors(recs)}  # every item has a text (read_items checks)
         for key in ("sim", "mos"):
             scored = [r[key] for r in recs if r.get(key) is not None]
             vals = [v for v in scored if math.isfinite(v)]
@@ -195,8 +187,9 @@ def run_tts_eval(cfg: DictConfig | dict) -> dict[str, Any]:
     tts = build_pipeline(cfg)
     items = read_items(cfg["items"], cfg.max_utterances) if cfg.get("items") else corpus_pairs(cfg, out_dir)
     scorers = Scorers.from_config({**OmegaConf.to_container(cfg.metrics), "quality": []}, OUT_RATE)
+    hashes = {k: file_hash(cfg[k]) for k in ("ar", "nar", "vocoder")}  # once: released checkpoints are ~1 GB
     records_path, records = resumable_records(out_dir, {
-        **{k: file_hash(cfg[k]) for k in ("ar", "nar", "vocoder")}, "codec": file_hash(cfg.codec) if cfg.get("codec") else None,
+        **hashes, "codec": file_hash(cfg.codec) if cfg.get("codec") else None,
         **{k: OmegaConf.to_container(cfg[k]) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
            for k in ("teacher", "metrics", "sampling", "nar_sampling", "frame_rate_thresholds", "min_prompt_pace", "seed",
                      "items", "split")}})
@@ -242,7 +235,7 @@ def run_tts_eval(cfg: DictConfig | dict) -> dict[str, Any]:
         summary.setdefault(r["setting"], {}).setdefault("failed", 0)
         summary[r["setting"]]["failed"] += 1
     meta = {"ar": str(cfg.ar), "nar": str(cfg.nar), "vocoder": str(cfg.vocoder),
-            "hashes": {k: file_hash(cfg[k]) for k in ("ar", "nar", "vocoder")}, "seed": int(cfg.seed),
+            "hashes": hashes, "seed": int(cfg.seed),
             "items": cfg.get("items") or f"{cfg.data.get(f'{cfg.split}_shards')} (cross-sentence pairs)",
             "num_items": len(items), "failed": len(failed), "device": cfg.device, "new_records": n_new,
             "eval_seconds": round(time.time() - start, 2), "config": OmegaConf.to_container(cfg)}

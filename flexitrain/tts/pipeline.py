@@ -181,10 +181,8 @@ class TTSPipeline:
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
-    def encode_prompt(self, audio: Tensor, sample_rate: int, threshold: float, key=None) -> tuple[Tensor, Tensor, Tensor]:
-        """Prompt waveform → (tokens [P], durations [P], normalised 24 kHz mel [T, 128]); cached by `key`."""
-        if key is not None and (key, threshold) in self._prompt_cache:
-            return self._prompt_cache[(key, threshold)]
+    def encode_prompt(self, audio: Tensor, sample_rate: int, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Prompt waveform → (tokens [P], durations [P], normalised 24 kHz mel [T, 128])."""
         audio = audio.float().reshape(-1).to(self.device)
         audio16 = resample(audio[None], sample_rate, self.codec.sample_rate)[0]
         feats, feat_lens = loading.teacher_features(self.teacher, audio16)
@@ -192,12 +190,7 @@ class TTSPipeline:
                                           threshold, feats, feat_lens)
         audio24 = resample(audio[None], sample_rate, OUT_RATE)
         mel = self.mel(audio24)[0].transpose(0, 1)
-        out = (tokens[0], durations[0], mel)
-        if key is not None:
-            if len(self._prompt_cache) >= 512:  # bounded: drop the oldest prompt
-                self._prompt_cache.pop(next(iter(self._prompt_cache)))
-            self._prompt_cache[(key, threshold)] = out
-        return out
+        return tokens[0], durations[0], mel
 
     def min_tokens(self, text: str, prompt_text: str, language: str, prompt_tokens: int) -> int:
         if self.min_prompt_pace <= 0 or not prompt_text.strip() or prompt_tokens == 0:
@@ -211,15 +204,17 @@ class TTSPipeline:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     def _prompt(self, prompt_wav, prompt_audio, prompt_sample_rate: int, threshold: float):
-        if prompt_audio is None:
-            if prompt_wav is None:
-                raise ValueError("give prompt_wav (a file) or prompt_audio (a waveform): FlexiCodec-TTS is zero-shot")
-            key = str(Path(prompt_wav).resolve())
-            if (key, threshold) in self._prompt_cache:
-                return self._prompt_cache[(key, threshold)]
-            prompt_audio, prompt_sample_rate = read_prompt(prompt_wav)
-            return self.encode_prompt(prompt_audio, prompt_sample_rate, threshold, key)
-        return self.encode_prompt(prompt_audio, prompt_sample_rate, threshold)
+        """The encoded prompt; a prompt file is read and encoded once per threshold (bounded cache)."""
+        if prompt_audio is not None:
+            return self.encode_prompt(prompt_audio, prompt_sample_rate, threshold)
+        if prompt_wav is None:
+            raise ValueError("give prompt_wav (a file) or prompt_audio (a waveform): FlexiCodec-TTS is zero-shot")
+        key = (str(Path(prompt_wav).resolve()), threshold)
+        if key not in self._prompt_cache:
+            if len(self._prompt_cache) >= 512:  # drop the oldest prompt
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+            self._prompt_cache[key] = self.encode_prompt(*read_prompt(prompt_wav), threshold)
+        return self._prompt_cache[key]
 
     def _render(self, tokens: Tensor, durations: Tensor, prompt: tuple[Tensor, Tensor, Tensor], seed: int,
                 stopped: bool, threshold: float, timings: dict) -> TTSResult:
