@@ -48,9 +48,13 @@ tts-demo: demo-corpus
 		data=demo max_utterances=10 "frame_rates=[8.3,6.25]" min_prompt_pace=0.8 out_dir=$(TTS_REPORT)
 	@echo "TTS demo: $(TTS_REPORT)/hello_8.3hz.wav, report $(TTS_REPORT)/report.md"
 
-# Default suite, then the real one-node SLURM tests (they skip themselves where SLURM cannot be started).
+# Default suite; the numerical-parity tests again under two other MKL arithmetic paths (only the files that hold
+# them are collected: seconds); then the real one-node SLURM tests (they skip themselves where SLURM cannot be started).
+PARITY_TESTS = -m "parity and not slow and not slurm" $$(grep -l 'mark\.parity' tests/test_*.py)
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+	MKL_CBWR=COMPATIBLE $(PY) -m pytest -q -p no:cacheprovider $(PARITY_TESTS)
+	MKL_ENABLE_INSTRUCTIONS=AVX2 $(PY) -m pytest -q -p no:cacheprovider $(PARITY_TESTS)
 	$(PY) -m pytest -q -p no:cacheprovider -m slurm
 
 test-slow: setup

@@ -38,8 +38,53 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig) -> list:
-    return [instantiate(conf) for conf in _enabled(cfg.get("callbacks"))]
+def build_callbacks(cfg: DictConfig, loggers: list | None = None) -> list:
+    """The callbacks group, minus those that a trainer toggle switches off: Lightning refuses a progress bar with
+    `enable_progress_bar=false` or a ModelCheckpoint with `enable_checkpointing=false`, and a LearningRateMonitor
+    without a logger (`logger=none`), so a documented toggle must not need a second override to remove them."""
+    from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
+
+    callbacks = [instantiate(conf) for conf in _enabled(cfg.get("callbacks"))]
+    trainer_cfg = cfg.get("trainer") or {}
+    drop = []
+    if not trainer_cfg.get("enable_progress_bar", True):
+        drop.append((ProgressBar, "trainer.enable_progress_bar=false"))
+    if not trainer_cfg.get("enable_checkpointing", True):
+        drop.append((Checkpoint, "trainer.enable_checkpointing=false"))
+    if loggers is not None and not loggers:
+        drop.append((LearningRateMonitor, "no logger configured (logger=none)"))
+    kept = []
+    for cb in callbacks:
+        reason = next((why for cls, why in drop if isinstance(cb, cls)), None)
+        if reason is None:
+            kept.append(cb)
+        else:
+            log.info("callback %s left out: %s", type(cb).__name__, reason)
+    return kept
+
+
+def _trainer_option() -> str | None:
+    """The `trainer=` option Hydra chose (None outside a Hydra run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("trainer")
+    except Exception:
+        return None
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """Fail early, naming the option, when the trainer asks for GPUs that this machine does not have (Lightning's
+    own message is "No supported gpu backend found!")."""
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto")).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        option = _trainer_option()
+        chosen = f"trainer={option} sets " if option else ""
+        raise RuntimeError(
+            f"{chosen}trainer.accelerator={accelerator}, but no CUDA GPU is available here "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). The trainer=gpu and trainer=ddp "
+            "options need GPUs; on CPU use trainer=cpu (one process), trainer=ddp_cpu (two gloo processes) or "
+            "trainer=default (accelerator=auto).")
 
 
 def save_resolved_config(cfg: DictConfig, output_dir: Path) -> None:
@@ -52,6 +97,7 @@ def save_resolved_config(cfg: DictConfig, output_dir: Path) -> None:
 def run(cfg: DictConfig) -> dict:
     import lightning as L
 
+    check_accelerator(cfg)  # before any work: a missing GPU is a configuration error
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     output_dir = Path(cfg.paths.output_dir)
@@ -61,17 +107,19 @@ def run(cfg: DictConfig) -> dict:
 
     datamodule = instantiate(cfg.data)
     task = instantiate(cfg.task, _recursive_=False)
-    resume = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir, output_dir)
+    # Checked against the task (weights-only read, right task, every key and size) before training starts.
+    resume = resolve_resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir, output_dir, task=task)
     if cfg.get("init_from") and resume is None:
         task.init_from(cfg.init_from)  # strict; only for fresh runs: a resumed run already holds its weights
-    trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=build_callbacks(cfg),
+    loggers = build_loggers(cfg)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, loggers),
                           default_root_dir=str(output_dir))
     if resume:
         log.info("resuming from %s", resume)
     start = time.time()
     if cfg.get("validate_first") and resume is None:
         trainer.validate(task, datamodule=datamodule)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)  # a checkpoint never runs code
     summary = {
         "run_dir": str(output_dir),
         "global_step": int(trainer.global_step),

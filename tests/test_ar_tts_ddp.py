@@ -99,7 +99,7 @@ def test_two_process_ddp_ar_tts(corpus, tmp_path, monkeypatch):
     summary = json.loads((run / "summary.json").read_text())
     assert math.isfinite(summary["metrics"]["val/loss"]) and math.isfinite(summary["metrics"]["train/loss"])
     # the rank-0 checkpoint holds finite weights
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
 
 

@@ -188,7 +188,7 @@ def test_lightning_fit_and_resume(tmp_path, one_thread):
     trainer, task = fit(2)
     assert trainer.global_step == 2 and "val/loss" in trainer.callback_metrics
     trainer.save_checkpoint(tmp_path / "a.ckpt")
-    state = torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
     assert all(k.startswith("model.") for k in state)  # the frozen codec is not saved
     trainer2, task2 = fit(3, str(tmp_path / "a.ckpt"))
     assert trainer2.global_step == 3

@@ -37,7 +37,7 @@ def per_step_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 def assert_same_run(a: Path, b: Path, steps: int) -> None:

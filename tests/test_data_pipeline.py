@@ -151,7 +151,8 @@ def test_train_crops_pad_short_utterances_and_respect_the_budget(corpus):
     durations = {}
     for b in batches:
         B, _, T = b["audio"].shape
-        assert B * T <= 4 * SR and B <= 8 and T == int(b["lengths"].max())
+        # Padded to the bucket's upper edge (pad_to_bucket): within the budget, never shorter than an item.
+        assert B * T <= 4 * SR and B <= 8 and T >= int(b["lengths"].max())
         mask = lengths_to_mask(b["lengths"], T)
         assert torch.all(b["audio"][~mask] == 0)  # zero padding exactly after `lengths`
         for i, k in enumerate(b["keys"]):
@@ -306,3 +307,25 @@ def test_real_two_process_gloo_validation(corpus, tmp_path):
     result = json.loads(outs[0][0].split("RESULT", 1)[1])
     assert result[0]["batches"] == result[1]["batches"]
     assert sorted(result[0]["keys"] + result[1]["keys"]) == sorted(keys)
+
+
+def test_training_batches_are_padded_to_a_fixed_set_of_bucket_lengths(tmp_path):
+    # Items of many lengths (0.3..2.0 s, crop 2 s): with pad_to_bucket every batch is padded to one of the
+    # num_buckets bucket edges, so a run sees few shapes; lengths stay the true ones and padding is zero.
+    write_shard(tmp_path / "a.tar", [good_sample(f"u{i}", 0.3 + 0.05 * i, i) for i in range(35)])
+    urls = [str(tmp_path / "a.tar")]
+    decode = DecodeConfig(crop_samples=2 * SR)
+    padded = TrainAudioDataset(urls, decode, LoaderConfig(batch_seconds=4.0, num_buckets=4), resampled=False,
+                               shuffle_buffer=1)
+    edges = set(BucketBatcher(4 * SR, 64, 4, 2 * SR).upper)
+    shapes = set()
+    for b in padded:
+        T = b["audio"].shape[-1]
+        shapes.add(T)
+        assert T in edges and int(b["lengths"].max()) <= T
+        for row, n in zip(b["audio"][:, 0], b["lengths"].tolist()):
+            assert torch.all(row[n:] == 0)
+    assert len(shapes) <= 4
+    plain = TrainAudioDataset(urls, decode, LoaderConfig(batch_seconds=4.0, num_buckets=4, pad_to_bucket=False),
+                              resampled=False, shuffle_buffer=1)
+    assert all(b["audio"].shape[-1] == int(b["lengths"].max()) for b in plain)

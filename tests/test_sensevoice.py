@@ -4,6 +4,10 @@ Parity targets:
 - ``../shared/reference/sensevoice_tiny``: recorded from the official FlexiCodec code (torchaudio kaldi formula).
 - ``tests/data/sensevoice_funasr_ref.safetensors``: recorded from FunASR 1.4.16 itself on random weights
   (tools/record_sensevoice_reference.py); its fbank is kaldi-native-fbank, ~1e-3 away from the torchaudio formula.
+
+Bounds come from float32 arithmetic (tests/tolerances.py): log-fbanks are compared in the amplitude domain, so the
+bins near the float32-eps floor, where another FFT code path moves the log by up to ~1e-3, need no loose flat bound;
+the mutant tests show the same checks still reject small front-end bugs.
 """
 
 from __future__ import annotations
@@ -20,10 +24,21 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import flexitrain.audio.kaldi_fbank as kaldi_fbank_module
+import flexitrain.models.sensevoice.frontend as frontend_module
 from flexitrain.audio.kaldi_fbank import kaldi_fbank
 from flexitrain.audio.resample import resample, resample_lengths
 from flexitrain.models.sensevoice.frontend import apply_lfr, load_am_mvn
 from flexitrain.models.sensevoice.teacher import SenseVoiceLoadError, SenseVoiceTeacher
+from tolerances import (
+    assert_parity,
+    check_kaldi_fbank,
+    check_kaldi_fbank_independent,
+    check_lfr_cmvn,
+    check_semantic,
+    check_sensevoice_features,
+    fft_path,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REF = REPO.parent / "shared" / "reference" / "sensevoice_tiny"
@@ -33,6 +48,7 @@ TINY_ENCODER = dict(output_size=512, attention_heads=4, linear_units=2048, num_b
 FRONTEND = dict(fs=16000, window="hamming", n_mels=80, frame_length=25, frame_shift=10, lfr_m=7, lfr_n=6)
 
 needs_shared = pytest.mark.skipif(not SHARED_REF.is_dir(), reason=f"shared reference {SHARED_REF} not present")
+parity = pytest.mark.parity
 
 
 def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,15 +90,89 @@ def shared():
     return io, sd, teacher, n
 
 
+@parity
 @needs_shared
 def test_shared_fbank_from_wav(shared):
     io, _, teacher, n = shared
     for i in range(n):
         fb, fl = teacher.frontend.fbank(io[f"wav_{i}"], None)
         assert fl.tolist() == [io[f"fbank_{i}"].shape[1]]
-        assert maxdiff(fb, io[f"fbank_{i}"]) <= 1e-5, i
+        # Was a flat |Δ| ≤ 1e-5 in log-power: an AVX-512 MKL FFT gave 1.57e-4 in bins near the floor (issue 15).
+        # Now ≤ 7.6e-6 in every bin that carries its frame's energy, looser only far below it (tolerances.TAU, ETA).
+        assert_parity(check_kaldi_fbank(fb, io[f"fbank_{i}"], name=f"fbank_{i}"))
 
 
+@parity
+@needs_shared
+@pytest.mark.parametrize("path", ["pocketfft", "float64"])
+def test_shared_fbank_bound_covers_other_fft_paths(shared, path):
+    """Another FFT (as on a machine where MKL takes another code path) moves the raw log-fbank by up to 7e-4 in bins
+    ~90 dB below their frame (pocketfft; the old flat 1e-5 failed) and still passes the parity check."""
+    if path == "pocketfft":
+        pytest.importorskip("scipy.fft")
+    io, _, teacher, n = shared
+    for i in range(n):
+        with fft_path(path):
+            fb, _ = teacher.frontend.fbank(io[f"wav_{i}"], None)
+        assert_parity(check_kaldi_fbank(fb, io[f"fbank_{i}"], name=f"fbank_{i} via {path}"))
+        with torch.no_grad(), fft_path(path):
+            sem, _ = teacher(io[f"wav_{i}"])
+        assert_parity(check_semantic(sem, io[f"semantic_{i}"], end_to_end=True, name=f"semantic_{i} via {path}"))
+
+
+def _periodic_hamming(window_type, size, device=None, dtype=torch.float32):
+    return torch.hamming_window(size, periodic=True, device=device, dtype=dtype)  # torch's default, not Kaldi's
+
+
+# Small, plausible front-end bugs: (kaldi_fbank arguments, replacement window function or None). Each must fail the
+# fbank parity check on every reference clip. Worst |Δ|/bound when measured: 6 (scale 32767: a uniform 6.1e-5 in
+# log-power, below the old flat 1e-5 too) to 4e10 (dither on silent frames).
+FBANK_MUTANTS = {
+    "Povey window": (dict(window_type="povey"), None),
+    "Hann window": (dict(window_type="hanning"), None),
+    "periodic Hamming window (torch's default)": ({}, _periodic_hamming),
+    "preemphasis 0.96": (dict(preemphasis=0.96), None),
+    "preemphasis 0.98": (dict(preemphasis=0.98), None),
+    "mel low_freq 21 Hz": (dict(low_freq=21.0), None),
+    "mel high_freq 7990 Hz": (dict(high_freq=7990.0), None),
+    "int16 scale 32767": (dict(scale=32767.0), None),
+    "dither 1.0 (FunASR's default)": (dict(dither=1.0), None),
+}
+# Against kaldi-native-fbank (an independent implementation, bound 512 EPS) the uniform 3e-5 of the scale mutant is
+# below what the two formulas agree to, and dither is absent from its white-noise clip's quiet bins: left out there.
+INDEPENDENT_MUTANTS = [m for m in FBANK_MUTANTS if m not in ("int16 scale 32767", "dither 1.0 (FunASR's default)")]
+
+
+def _mutant_fbank(wav: torch.Tensor, mutant: str, monkeypatch) -> torch.Tensor:
+    kwargs, window = FBANK_MUTANTS[mutant]
+    if window is not None:
+        monkeypatch.setattr(kaldi_fbank_module, "kaldi_window", window)
+    torch.manual_seed(0)
+    return kaldi_fbank(wav, **{"scale": 32768.0, **kwargs})[0]  # as SenseVoiceFrontend.fbank otherwise
+
+
+@parity
+@needs_shared
+@pytest.mark.parametrize("mutant", list(FBANK_MUTANTS))
+def test_fbank_check_rejects_small_bugs(shared, mutant, monkeypatch):
+    io, _, _, n = shared
+    for i in range(n):
+        check = check_kaldi_fbank(_mutant_fbank(io[f"wav_{i}"], mutant, monkeypatch), io[f"fbank_{i}"][0], name=mutant)
+        assert not check.ok, f"item {i}: a mutant passed the parity bound: {check}"
+
+
+@parity
+@pytest.mark.parametrize("mutant", INDEPENDENT_MUTANTS)
+def test_independent_fbank_check_rejects_small_bugs(funasr_ref, mutant, monkeypatch):
+    data, _, _ = funasr_ref
+    wav, lengths = data["wav"], data["wav_lengths"]
+    for i in range(len(lengths)):
+        fb = _mutant_fbank(wav[i, : lengths[i]], mutant, monkeypatch)
+        check = check_kaldi_fbank_independent(fb, data[f"fbank_{i}"], name=mutant)
+        assert not check.ok, f"item {i}: a mutant passed the kaldi-native-fbank bound: {check}"
+
+
+@parity
 @needs_shared
 def test_shared_lfr_cmvn_from_fbank(shared):
     io, _, teacher, n = shared
@@ -90,20 +180,75 @@ def test_shared_lfr_cmvn_from_fbank(shared):
         fb = io[f"fbank_{i}"]
         x, xl = teacher.frontend.lfr_cmvn(fb, torch.tensor([fb.shape[1]]))
         assert xl.tolist() == [math.ceil(fb.shape[1] / 6)]
-        assert maxdiff(x, io[f"lfr_cmvn_{i}"]) <= 1e-5, i
+        # A gather and two correctly rounded float32 ops: ≤ 2 EPS·|value| (bit-exact here). Was atol 1e-5 (≈ 18 EPS at
+        # the largest value 4.67, 80 EPS at typical ones).
+        assert_parity(check_lfr_cmvn(x, io[f"lfr_cmvn_{i}"], name=f"lfr_cmvn_{i}"))
 
 
+def _lfr_cmvn_mutant(frontend, fb: torch.Tensor, mutant: str) -> torch.Tensor:
+    lengths = torch.tensor([fb.shape[1]])
+    if mutant == "LFR window one frame late (6j-2)":
+        fb = torch.cat([fb[:, 1:], fb[:, -1:]], 1)
+    if mutant == "LFR window one frame early (6j-4)":
+        fb = torch.cat([fb[:, :1], fb[:, :-1]], 1)
+    x, _ = apply_lfr(fb, lengths)
+    if mutant == "LFR frames stacked newest first":
+        x = x.reshape(*x.shape[:2], 7, -1).flip(2).reshape(x.shape)
+    shift, scale = frontend.cmvn_shift, frontend.cmvn_scale
+    if mutant == "CMVN scale before shift":
+        return x * scale + shift
+    return (x + shift) * scale
+
+
+# (m and n swapped, or n off by one, change the shapes: rejected before any value is compared.)
+LFR_MUTANTS = ["LFR window one frame late (6j-2)", "LFR window one frame early (6j-4)",
+               "LFR frames stacked newest first", "CMVN scale before shift"]
+
+
+@parity
+@needs_shared
+@pytest.mark.parametrize("mutant", LFR_MUTANTS)
+def test_lfr_cmvn_check_rejects_small_bugs(shared, mutant):
+    io, _, teacher, n = shared
+    assert_parity(check_lfr_cmvn(_lfr_cmvn_mutant(teacher.frontend, io["fbank_0"], "none"), io["lfr_cmvn_0"]))
+    for i in range(n):
+        check = check_lfr_cmvn(_lfr_cmvn_mutant(teacher.frontend, io[f"fbank_{i}"], mutant), io[f"lfr_cmvn_{i}"],
+                               name=mutant)
+        assert not check.ok, f"item {i}: a mutant passed the parity bound: {check}"
+
+
+@parity
 @needs_shared
 def test_shared_semantic_from_lfr_cmvn_and_end_to_end(shared):
     io, _, teacher, n = shared
     for i in range(n):
         sem, sl = teacher.encode_features(io[f"lfr_cmvn_{i}"])
         assert sem.shape == io[f"semantic_{i}"].shape and sl.tolist() == [sem.shape[-1]]
-        assert maxdiff(sem, io[f"semantic_{i}"]) <= 1e-4, i
+        # 200 EPS·max|ref| = 1.0e-4 (as before): float32 rounding through 2 SAN-M blocks (tolerances.SEMANTIC_REL).
+        assert_parity(check_semantic(sem, io[f"semantic_{i}"], name=f"semantic_{i}"))
         e2e, _ = teacher(io[f"wav_{i}"][:, None])  # [B, 1, T] input
-        assert maxdiff(e2e, io[f"semantic_{i}"]) <= 5e-4, i
+        # 1000 EPS·max|ref| = 5.0e-4 (as before): plus the fbank's near-floor bins (tolerances.SEMANTIC_E2E_REL).
+        assert_parity(check_semantic(e2e, io[f"semantic_{i}"], end_to_end=True, name=f"end-to-end semantic_{i}"))
 
 
+# Front-end bugs seen through the encoder: the end-to-end bound still rejects them (measured |Δ| ≥ 0.04 and 0.1).
+E2E_MUTANTS = {"preemphasis 0.975": dict(preemphasis=0.975), "mel low_freq 21 Hz": dict(low_freq=21.0)}
+
+
+@parity
+@needs_shared
+@pytest.mark.parametrize("mutant", list(E2E_MUTANTS))
+def test_end_to_end_semantic_check_rejects_front_end_bugs(shared, mutant, monkeypatch):
+    io, _, teacher, n = shared
+    monkeypatch.setattr(frontend_module, "kaldi_fbank", lambda *a, **k: kaldi_fbank(*a, **{**k, **E2E_MUTANTS[mutant]}))
+    for i in range(n):
+        with torch.no_grad():
+            sem, _ = teacher(io[f"wav_{i}"])
+        check = check_semantic(sem, io[f"semantic_{i}"], end_to_end=True, name=mutant)
+        assert not check.ok, f"item {i}: a mutant passed the end-to-end bound: {check}"
+
+
+@parity
 @needs_shared
 def test_shared_batched_equals_single(shared):
     io, _, teacher, n = shared
@@ -114,12 +259,16 @@ def test_shared_batched_equals_single(shared):
     feats, fl = teacher.features(batch, lengths)
     sem, sl = teacher(batch, lengths)
     assert sem.shape == (n, 512, int(sl.max())) and sl.tolist() == fl.tolist()
+    fe = teacher.frontend
     for i in range(n):
         single_feats, _ = teacher.features(wavs[i][None])
-        assert maxdiff(feats[i, : fl[i]], single_feats[0]) <= 1e-5
-        assert maxdiff(sem[i, :, : sl[i]], io[f"semantic_{i}"][0]) <= 5e-4
+        # A batch and one item may take different FFT kernels: compare as log-fbanks (CMVN undone), as for the parity.
+        assert_parity(check_sensevoice_features(feats[i, : fl[i]], single_feats[0], fe.cmvn_shift, fe.cmvn_scale))
+        assert_parity(check_semantic(sem[i, :, : sl[i]], io[f"semantic_{i}"][0], end_to_end=True))
         single, _ = teacher(wavs[i][None])
-        assert maxdiff(sem[i, :, : sl[i]], single[0]) <= 1e-4
+        # Both end to end from the waveform (batched vs single FFTs, masked attention): the end-to-end bound
+        # (was 1e-4, measured ≤ 2e-6 here).
+        assert_parity(check_semantic(sem[i, :, : sl[i]], single[0], end_to_end=True, name="batched vs single"))
         assert sem[i, :, sl[i]:].abs().max().item() == 0 if sl[i] < sem.shape[-1] else True
 
 
@@ -129,7 +278,7 @@ def test_from_pretrained_and_strict_errors(shared, tmp_path):
     model_dir = write_model_dir(tmp_path / "sv", TINY_ENCODER, sd, am_mvn=SHARED_REF / "am.mvn")
     teacher = SenseVoiceTeacher.from_pretrained(model_dir)
     sem, _ = teacher(io["wav_1"])
-    assert maxdiff(sem, io["semantic_1"]) <= 5e-4
+    assert_parity(check_semantic(sem, io["semantic_1"], end_to_end=True))
 
     bad = dict(sd)
     del bad["encoder.encoders.0.norm2.bias"]
@@ -192,6 +341,7 @@ def test_funasr_from_pretrained_ignores_tp_and_ctc(funasr_ref, tmp_path):
     assert torch.equal(teacher.frontend.cmvn_scale, data["cmvn_scale"])
 
 
+@parity
 def test_funasr_encoder_and_lfr_parity(funasr_ref):
     data, info, sd = funasr_ref
     teacher = SenseVoiceTeacher(info["encoder_conf"], info["frontend_conf"], (data["cmvn_shift"], data["cmvn_scale"]))
@@ -202,15 +352,18 @@ def test_funasr_encoder_and_lfr_parity(funasr_ref):
         fb = data[f"fbank_{i}"][None]
         x, xl = teacher.frontend.lfr_cmvn(fb, torch.tensor([fb.shape[1]]))
         assert xl.tolist() == [int(fl[i])]
-        assert maxdiff(x[0], feats[i, : fl[i]]) <= 1e-5
+        assert_parity(check_lfr_cmvn(x[0], feats[i, : fl[i]]))  # ≤ 2 EPS·|value| (was atol 1e-5)
     sem, sl = teacher.encode_features(feats, fl)  # padded batch through FunASR's masked encoder
     assert sl.tolist() == fl.tolist()
     for i in range(len(fl)):
+        # 3 blocks of d = 64 (FFN 96), LayerNorm'd outputs (max |ref| ≈ 4): ~20 rounding stages over sums of ≤ 560
+        # terms. Kept at atol 1e-5 = 21 EPS·max|ref|: measured ≤ 7.2e-7 (1.5 EPS·max), a 14× margin.
         assert maxdiff(sem[i, :, : fl[i]], hidden[i, :, : fl[i]]) <= 1e-5
         single, _ = teacher.encode_features(feats[i : i + 1, : fl[i]])
         assert maxdiff(single[0], hidden[i, :, : fl[i]]) <= 1e-5
 
 
+@parity
 def test_funasr_end_to_end_with_kaldi_native_fbank_tolerance(funasr_ref):
     data, info, sd = funasr_ref
     teacher = SenseVoiceTeacher(info["encoder_conf"], info["frontend_conf"], (data["cmvn_shift"], data["cmvn_scale"]))
@@ -219,12 +372,14 @@ def test_funasr_end_to_end_with_kaldi_native_fbank_tolerance(funasr_ref):
     assert lengths.min() < 400  # one clip is shorter than a frame: FunASR shrinks frame_length
     for i in range(len(lengths)):  # FunASR's fbank here is kaldi-native-fbank: ~1e-3 from the torchaudio formula
         fb, _ = teacher.frontend.fbank(wav[i : i + 1, : lengths[i]], None)
-        assert maxdiff(fb[0], data[f"fbank_{i}"]) <= 5e-3
+        # Was a flat 5e-3 in log-power (measured 1.9e-3, near the floor). An independent implementation evaluates the
+        # mel triangles in float32 differently: 512 EPS relative + 32 EPS of the frame (tolerances.TAU_INDEPENDENT).
+        assert_parity(check_kaldi_fbank_independent(fb[0], data[f"fbank_{i}"], name=f"fbank_{i} vs kaldi-native-fbank"))
     sem, sl = teacher(wav, lengths)
     assert sl.tolist() == fl.tolist()
     hidden = data["hidden_out"][:, 4:].transpose(1, 2)
     for i in range(len(fl)):
-        assert maxdiff(sem[i, :, : fl[i]], hidden[i, :, : fl[i]]) <= 5e-4
+        assert_parity(check_semantic(sem[i, :, : fl[i]], hidden[i, :, : fl[i]], end_to_end=True))  # 5e-4 as before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,13 +403,18 @@ def _fbank_float64(x: np.ndarray, window: str) -> np.ndarray:
     return np.log(np.maximum(power @ banks.T, np.finfo(np.float32).eps))
 
 
+@parity
 @pytest.mark.parametrize("window", ["hamming", "povey"])
 def test_kaldi_fbank_matches_float64_statement(window):
     x = np.random.default_rng(0).standard_normal(4321).astype(np.float32) * 3000
     fb, fl = kaldi_fbank(torch.from_numpy(x), window_type=window)
     ref = _fbank_float64(x, window)
     assert fl.tolist() == [ref.shape[0]] == [1 + (4321 - 400) // 160]
-    assert maxdiff(fb[0].double(), torch.from_numpy(ref)) <= 1e-3
+    # Was a flat 1e-3 (measured 6e-5): the float64 statement's mel triangles are exact, ours are torchaudio's float32
+    # ones (≤ ~80 EPS per weight): the independent-implementation bound, 512 EPS relative (worst ratio 0.18).
+    assert_parity(check_kaldi_fbank_independent(fb[0], torch.from_numpy(ref), name=f"{window} vs float64 statement"))
+    wrong = kaldi_fbank(torch.from_numpy(x), window_type=window, preemphasis=0.975)[0]
+    assert not check_kaldi_fbank_independent(wrong[0], torch.from_numpy(ref)).ok  # still tight enough for a bug
 
 
 def test_kaldi_fbank_batch_short_clip_dither_and_errors():
@@ -266,7 +426,8 @@ def test_kaldi_fbank_batch_short_clip_dither_and_errors():
     assert fb[1, 19:].abs().max() == 0 and fb[2, 1:].abs().max() == 0
     for i in range(3):
         single, _ = kaldi_fbank(wav[i, : lengths[i]])
-        assert maxdiff(fb[i, : fl[i]], single[0]) <= 1e-5
+        # Batched and single FFTs may take different kernels: the parity check's bound, not bit-equality.
+        assert_parity(check_kaldi_fbank(fb[i, : fl[i]], single[0], name=f"batched vs single item {i}"))
     with pytest.raises(ValueError, match="shorter than one frame"):
         kaldi_fbank(wav, lengths, shrink_short=False)
     torch.manual_seed(0)

@@ -8,8 +8,10 @@ def _save_task_checkpoint(task, path):
     """What Trainer.save_checkpoint writes that load_from_checkpoint reads (weights + constructor arguments)."""
     import lightning as L
 
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "pytorch-lightning_version": L.__version__}, path)
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                  "pytorch-lightning_version": L.__version__}
+    task.on_save_checkpoint(checkpoint)  # as Trainer.save_checkpoint: plain containers, the task's name
+    torch.save(checkpoint, path)
     return path
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexitrain.models.tts.ar_checkpoint import load_ar_weights  # noqa: E402
+from flexitrain.models.tts.ar_checkpoint import load_ar_weights, save_pretrained  # noqa: E402
+from flexitrain.utils.safe_load import CheckpointError, read_json  # noqa: E402
 from flexitrain.models.tts.ar_tts import ARTTSModel, released_config, tiny_config  # noqa: E402
 
 
@@ -32,22 +33,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     presets = {"released": released_config, "tiny": tiny_config}
-    config = presets[args.config]() if args.config in presets else json.loads(Path(args.config).read_text())
-    model = ARTTSModel(**config).eval()
     try:
-        skipped = load_ar_weights(model, args.src)
-    except (ValueError, FileNotFoundError) as e:
+        config = presets[args.config]() if args.config in presets else read_json(args.config, "--config")
+        model = ARTTSModel(**config).eval()
+        skipped = load_ar_weights(model, args.src, "--src")
+    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"import failed: {e}", file=sys.stderr)
         raise SystemExit(1)
     report = {"src": str(args.src), "parameters": sum(p.numel() for p in model.parameters()),
               "tensors": len(model.state_dict()), "skipped_codec_keys": len(skipped)}
     if args.out:
-        from safetensors.torch import save_file
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        out = save_pretrained(model, args.out, config)
         report["out"] = str(out)
     print(json.dumps(report))
     return report

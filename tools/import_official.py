@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+import yaml
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexitrain.models.codec.checkpoint import CheckpointMismatchError, import_official  # noqa: E402
 from flexitrain.models.codec.config import RELEASED_CONFIG, load_config  # noqa: E402
+from flexitrain.utils.safe_load import CheckpointError, check_file  # noqa: E402
 
 # Stage 1 (paper recipe): the released dimensions at a fixed 12.5 Hz, decoded by the DAC decoder directly.
 STAGE1_OVERRIDES = {"use_similarity_alignment": False, "use_query_token_aggregator": False,
@@ -43,14 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strip-prefix", default="", help="prefix to remove from file keys (e.g. 'module.')")
     args = ap.parse_args(argv)
 
-    config = load_config(args.config) if args.config else dict(RELEASED_CONFIG)
-    if args.stage1:
-        config.update(STAGE1_OVERRIDES)
     try:
+        if args.config:
+            check_file(args.config, "--config")
+        config = load_config(args.config) if args.config else dict(RELEASED_CONFIG)
+        if args.stage1:
+            config.update(STAGE1_OVERRIDES)
         out = import_official(args.weights, config, args.out, extra_ignore=args.ignore,
                               allow_missing=args.allow_missing, strip_prefix=args.strip_prefix)
-    except CheckpointMismatchError as e:
-        print(f"error: {args.weights}: {e}", file=sys.stderr)
+    except (CheckpointMismatchError, CheckpointError, FileNotFoundError, ValueError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -128,6 +128,7 @@ def kaldi_fbank(
     high_freq: float = 0.0,
     shrink_short: bool = True,
     scale: float = 1.0,
+    lengths_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kaldi log-mel fbank of a padded batch.
 
@@ -138,6 +139,10 @@ def kaldi_fbank(
             otherwise they are an error.
         scale: the waveform is taken as ``wav * scale`` (FunASR: 32768). A power of two is applied exactly as
             ``scale**2`` on the mel filters instead of a pass over the samples; ``dither`` is in scaled units.
+        lengths_checked: the caller guarantees every length lies in [one frame (``frame_length_ms``), N]
+            (e.g. checked on the host where the batch was built, as `CodecTask.on_before_batch_transfer` does).
+            Then the lengths are never read back to the host (a device sync on a GPU): no range check here and
+            no short-clip path. Same result for such lengths.
     Returns:
         ``(fbank [B, F, num_mel_bins], frame_lengths [B])`` with ``F = 1 + (N - W) // shift`` for the padded
         width ``N`` (at least 1); frames at or beyond an item's ``frame_lengths`` are zero.
@@ -154,9 +159,11 @@ def kaldi_fbank(
     lengths = torch.as_tensor(lengths, device=wav.device).long()
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
-    lengths_list = lengths.tolist()
-    if min(lengths_list, default=1) < 2 or max(lengths_list, default=0) > n:
-        raise ValueError(f"every length must be in [2, {n}] samples, got {lengths_list}")
+    lengths_list = None
+    if not lengths_checked:  # a host read of the lengths (see `lengths_checked`)
+        lengths_list = lengths.tolist()
+        if min(lengths_list, default=1) < 2 or max(lengths_list, default=0) > n:
+            raise ValueError(f"every length must be in [2, {n}] samples, got {lengths_list}")
 
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
@@ -179,13 +186,14 @@ def kaldi_fbank(
             out = wav.new_empty(batch, max_frames, num_mel_bins)
             for f0 in range(0, max_frames, step):
                 out[:, f0 : f0 + step] = _fbank_frames(frames[:, f0 : f0 + step], **opts)
-        if min(lengths_list) < n:  # zero the frames past each item's end
+        if lengths_list is None or min(lengths_list) < n:  # zero the frames past each item's end
             valid = torch.arange(max_frames, device=wav.device)[None, :] < frame_lengths[:, None]
             out.masked_fill_(~valid[..., None], 0.0)
     else:
         out = wav.new_zeros(batch, max_frames, num_mel_bins)
 
-    short = [i for i, m in enumerate(lengths_list) if m < size]
+    short = [] if lengths_list is None else [i for i, m in enumerate(lengths_list) if m < size]
+
     if short and not shrink_short:
         raise ValueError(f"items {short} are shorter than one frame ({size} samples)")
     for i in short:  # rare: clips shorter than one frame get one frame with their own n_fft

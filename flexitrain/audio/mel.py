@@ -79,11 +79,13 @@ def _as_batch_time(audio: Tensor) -> Tensor:
     return audio
 
 
-def _check_lengths(lengths: Tensor, batch: int, max_len: int) -> Tensor:
+def _check_lengths(lengths: Tensor, batch: int, max_len: int, check_values: bool = True) -> Tensor:
+    """``lengths`` as int64 ``[batch]``; ``check_values`` also checks that they lie in [1, max_len] (a host read
+    of the values: a device sync on a GPU; callers whose lengths are already checked pass False)."""
     lengths = torch.as_tensor(lengths).long()
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
-    if bool((lengths < 1).any()) or bool((lengths > max_len).any()):
+    if check_values and (bool((lengths < 1).any()) or bool((lengths > max_len).any())):
         raise ValueError(f"lengths must lie in [1, {max_len}], got {lengths.tolist()}")
     return lengths
 
@@ -124,8 +126,10 @@ def stft_magnitude(
     window: Tensor,
     lengths: Tensor | None = None,
     power: float = 1.0,
+    check_lengths: bool = True,
 ) -> Tensor:
-    """Centred (reflect) STFT magnitude ``|X|**power`` of shape ``[B, n_fft//2 + 1, 1 + T//hop]``."""
+    """Centred (reflect) STFT magnitude ``|X|**power`` of shape ``[B, n_fft//2 + 1, 1 + T//hop]``.
+    ``check_lengths=False``: the lengths are known to lie in [1, T] (not read back to the host)."""
     audio = _as_batch_time(audio).float()  # FFTs need fp32 (no bf16 kernels); precision matters here
     pad = n_fft // 2
     if lengths is None:
@@ -133,7 +137,7 @@ def stft_magnitude(
             raise ValueError(f"audio of {audio.shape[-1]} samples is too short for n_fft={n_fft}")
         padded = F.pad(audio.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     else:
-        lengths = _check_lengths(lengths, audio.shape[0], audio.shape[-1])
+        lengths = _check_lengths(lengths, audio.shape[0], audio.shape[-1], check_lengths)
         padded = reflect_pad_by_length(audio, lengths, pad)
     spec = torch.stft(
         padded, n_fft=n_fft, hop_length=hop_length, window=window, center=False, return_complex=True
@@ -180,9 +184,12 @@ class MelSpectrogram(nn.Module):
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         return frame_lengths(lengths, self.hop_length)
 
-    def forward(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, audio: Tensor, lengths: Tensor | None = None, check_lengths: bool = True) -> Tensor:
+        """``check_lengths=False``: ``lengths`` are known to lie in [1, T] (no host read, see `stft_magnitude`)."""
         with torch.autocast(audio.device.type, enabled=False):  # keep the projection in fp32
-            mag = stft_magnitude(audio, self.n_fft, self.hop_length, self.window.float(), lengths, self.power)
+            mag = stft_magnitude(audio, self.n_fft, self.hop_length, self.window.float(), lengths, self.power,
+                                 check_lengths)
+
             mel = torch.matmul(self.mel_fb.float(), mag)
         if self.log:
             mel = mel.clamp(min=self.clamp_eps).log10()

@@ -159,15 +159,19 @@ class CodecEvalCallback(L.Callback):
             for k in ("frame_rate", "kbps", "wer", "pesq_wb", "stoi", "si_sdr", "mel_distance", "sim", "mos"):
                 if isinstance(s.get(k), float) and np.isfinite(s[k]):
                     scalars[f"eval/{name}/{k}"] = s[k]
+        # Logged at Lightning's logging step (the one `self.log` uses for this validation's val/* metrics), not at
+        # global_step (one higher after a training batch): a run resumed from the checkpoint written at the end of
+        # that batch replays from global_step on, so its logs would replace these rows, which it does not redo.
+        log_step = int(trainer.fit_loop.epoch_loop._batches_that_stepped)
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
+            logger.log_metrics(scalars, step=log_step)
             exp = getattr(logger, "experiment", None)
             if hasattr(exp, "add_text"):  # TensorBoard
-                exp.add_text("eval/table", table.read_text(), step)
+                exp.add_text("eval/table", table.read_text(), log_step)
                 for stem, wav in examples:
-                    exp.add_audio(f"eval_audio/{stem}", torch.as_tensor(wav).clamp(-1, 1), step, sample_rate=sr)
+                    exp.add_audio(f"eval_audio/{stem}", torch.as_tensor(wav).clamp(-1, 1), log_step, sample_rate=sr)
                 if (out / "rate_quality.png").is_file():
-                    exp.add_image("eval/rate_quality", _png(out / "rate_quality.png"), step, dataformats="HWC")
+                    exp.add_image("eval/rate_quality", _png(out / "rate_quality.png"), log_step, dataformats="HWC")
             elif type(logger).__name__ == "WandbLogger":
                 import wandb
 
@@ -177,7 +181,7 @@ class CodecEvalCallback(L.Callback):
                 if (out / "rate_quality.png").is_file():
                     payload["eval/rate_quality"] = wandb.Image(str(out / "rate_quality.png"))
                 payload.update({f"eval_audio/{stem}": wandb.Audio(wav, sample_rate=sr) for stem, wav in examples})
-                logger.experiment.log(payload, step=step)
+                logger.experiment.log({**payload, "trainer/global_step": log_step})  # as WandbLogger.log_metrics
         log.info("eval at step %d written to %s", step, out)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

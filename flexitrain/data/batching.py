@@ -74,17 +74,21 @@ class SlotPool:
         batch["audio"] = out
 
 
-def collate(items: list[Item], shared: bool | None = None, pool: SlotPool | None = None) -> dict:
+def collate(items: list[Item], shared: bool | None = None, pool: SlotPool | None = None,
+            pad_to: int | None = None) -> dict:
     """-> {"audio": float32 [B,1,T] (zero padding at the end), "lengths": int64 [B], "offsets":
     float32 [B] (crop start, seconds), "keys"/"texts"/"speakers"/"languages": list[str]}.
     In a DataLoader worker (shared=True) the audio goes into a `pool` slot when one is free, and
     lengths/offsets stay lists (every tensor sent costs a shared-memory segment, ~0.5 ms):
     `finalize_batch` completes such batches in the main process.
-    Filled through numpy: torch's intra-op thread pool makes small copies slow on a busy CPU."""
+    Filled through numpy: torch's intra-op thread pool makes small copies slow on a busy CPU.
+    `pad_to`: pad T up to at least this (a bucket edge), so batch shapes repeat across steps."""
     if shared is None:
         shared = torch.utils.data.get_worker_info() is not None
     lengths = np.fromiter((it.audio.shape[0] for it in items), dtype=np.int64, count=len(items))
     b, t = len(items), int(lengths.max())
+    if pad_to is not None:
+        t = max(t, int(pad_to))
     slot = None
     if shared and pool is not None:
         slot = pool.acquire(torch.utils.data.get_worker_info().id, b * t)
@@ -158,6 +162,15 @@ class BucketBatcher:
             self.buckets[b] = []
             return bucket
         return None
+
+    def padded_length(self, items: list[Item]) -> int | None:
+        """The upper edge of the bucket of the batch's longest item: every batch of a bucket then has the same
+        padded length, so a training run sees at most `num_buckets` shapes (what kernel autotuning, cudnn.benchmark
+        and torch.compile need). None for an over-long item emitted alone."""
+        n = max(it.audio.shape[0] for it in items)
+        if n > self.max_samples:
+            return None
+        return self.upper[min(len(self.upper) - 1, max(0, math.ceil(n / self.width) - 1))]
 
     def flush(self):
         for b, bucket in enumerate(self.buckets):

@@ -62,6 +62,7 @@ class AudioDataModule(pl.LightningDataModule):
         batch_seconds: float = 48.0,
         max_batch_size: int = 64,
         num_buckets: int = 8,
+        pad_to_bucket: bool = True,
         num_workers: int = 2,
         shuffle_shards: bool = True,
         shuffle_buffer: int = 1000,
@@ -87,7 +88,7 @@ class AudioDataModule(pl.LightningDataModule):
         self.sample_rate, self.num_workers, self.pin_memory, self.seed = sample_rate, num_workers, pin_memory, seed
         self.epoch_samples, self.shuffle_shards, self.shuffle_buffer = epoch_samples, shuffle_shards, shuffle_buffer
         self._rank, self._world = rank, world_size
-        self.batching = LoaderConfig(sample_rate, batch_seconds, max_batch_size, num_buckets)
+        self.batching = LoaderConfig(sample_rate, batch_seconds, max_batch_size, num_buckets, pad_to_bucket)
         common = dict(sample_rate=sample_rate, max_duration=max_duration, long_clip_policy=long_clip_policy,
                       min_duration=min_duration, silence_threshold=silence_threshold)
         crop = lambda s: None if s is None else max(1, int(round(s * sample_rate)))  # noqa: E731

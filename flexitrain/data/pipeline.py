@@ -257,6 +257,7 @@ class LoaderConfig:
     batch_seconds: float = 48.0
     max_batch_size: int = 64
     num_buckets: int = 8
+    pad_to_bucket: bool = True  # training batches padded to their bucket's upper edge: a fixed set of shapes
 
     @property
     def budget(self) -> int:
@@ -456,18 +457,19 @@ class TrainAudioDataset(IterableDataset):
             barren = 0
             batch = batcher.add(item)
             if batch is not None:
-                yield self._emit(batch)
+                yield self._emit(batch, batcher)
                 emitted += 1
                 if quota is not None and emitted >= quota:
                     return
         for batch in batcher.flush():  # single-pass epochs only
-            yield self._emit(batch)
+            yield self._emit(batch, batcher)
 
-    def _emit(self, items: list[Item]) -> dict:
+    def _emit(self, items: list[Item], batcher: BucketBatcher) -> dict:
         self.stats.add("samples", len(items))
         self.stats.add("batches")
         self.stats.flush()
-        return collate(items, pool=self.pool)
+        pad_to = batcher.padded_length(items) if self.batching.pad_to_bucket else None
+        return collate(items, pool=self.pool, pad_to=pad_to)
 
 
 def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:

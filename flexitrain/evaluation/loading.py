@@ -26,6 +26,8 @@ def load_codec(ckpt: str | Path, teacher_cfg: dict | None = None, device: str = 
 
     `ckpt` is a CodecTask Lightning checkpoint (`.ckpt`: its teacher config comes along unless `teacher_cfg`
     overrides it) or a directory written by `FlexiCodec.save_pretrained` (then `teacher_cfg` is required).
+    Nothing is unpickled beyond plain data (weights-only load); a bad file raises one `CheckpointError` naming it
+    (empty, truncated, unsafe, another task's checkpoint, wrong sizes, missing / extra keys).
     """
     from flexitrain.tasks.teacher import build_teacher
 
@@ -35,15 +37,17 @@ def load_codec(ckpt: str | Path, teacher_cfg: dict | None = None, device: str = 
     if path.is_dir():
         from flexitrain.models.codec import FlexiCodec
 
+        generator = FlexiCodec.from_pretrained(path, what="codec checkpoint")  # checked before the teacher
         if not teacher_cfg:
             raise ValueError("an exported model directory needs teacher settings: set teacher.model_dir "
                              "(or teacher.random_init=true for a model trained with a random teacher)")
-        generator, teacher = FlexiCodec.from_pretrained(path), build_teacher(teacher_cfg)
+        teacher = build_teacher(teacher_cfg)
     else:
+        from flexitrain.tasks.checkpointing import load_task
         from flexitrain.tasks.codec import CodecTask
 
         overrides = {"teacher": teacher_cfg} if teacher_cfg else {}
-        task = CodecTask.load_from_checkpoint(str(path), map_location="cpu", strict=True, **overrides)
+        task = load_task(CodecTask, path, "codec checkpoint", **overrides)
         generator, teacher = task.generator, task._teacher[0]
     return generator.eval().to(device), teacher.eval().to(device)
 

@@ -40,13 +40,20 @@ def feature_matching_loss(d_fake: DiscOutputs, d_real: DiscOutputs) -> Tensor:
     )
 
 
+def split_outputs(outputs: DiscOutputs, batch: int) -> tuple[DiscOutputs, DiscOutputs]:
+    """Outputs of one D call on ``cat([a, b])`` -> the outputs of ``D(a)`` and ``D(b)`` (first ``batch`` items: a)."""
+    first = [[f[:batch] for f in maps] for maps in outputs]
+    second = [[f[batch:] for f in maps] for maps in outputs]
+    return first, second
+
+
 def generator_gan_terms(
     discriminator: Callable[[Tensor], DiscOutputs], fake: Tensor, real: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Generator-side GAN terms ``(adv, feat)``: D runs on ``fake`` with gradients, on ``real`` without.
 
-    The discriminator's parameters receive gradients through ``D(fake)``; callers zero them before any
-    discriminator update (they belong to the generator step).
+    Callers freeze the discriminator's parameters around this call (`flexitrain.tasks.freezing.frozen`): its
+    weight gradients from the generator loss belong to no update.
     """
     d_fake = discriminator(fake)
     with torch.no_grad():

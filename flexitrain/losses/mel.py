@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from flexitrain.audio.mel import MelSpectrogram, frame_mask
+from flexitrain.audio.mel import MelSpectrogram, _check_lengths, frame_mask
 from flexitrain.losses.masking import masked_mean
 
 DEFAULT_WINDOW_LENGTHS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -25,6 +25,8 @@ class MultiScaleMelLoss(nn.Module):
     ``forward(pred, target, lengths=None) -> scalar``; audio ``[B, T]`` or ``[B, 1, T]``;
     ``lengths [B]`` in samples. With lengths, each item is analysed as if it were unpadded and
     only its own frames count, so extra batch padding leaves the loss unchanged. Computed in fp32.
+    ``check_lengths=False`` skips the check that the lengths lie in [1, T] (a host read, i.e. a device sync on
+    a GPU): for training steps whose lengths were checked on the host where the batch was built.
     """
 
     def __init__(
@@ -56,7 +58,8 @@ class MultiScaleMelLoss(nn.Module):
             for w, m in zip(window_lengths, n_mels)
         )
 
-    def forward(self, pred: Tensor, target: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, lengths: Tensor | None = None,
+                check_lengths: bool = True) -> Tensor:
         if pred.shape != target.shape:
             raise ValueError(
                 f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must match; trim first"
@@ -64,14 +67,18 @@ class MultiScaleMelLoss(nn.Module):
         batch = pred.shape[0]
         # One STFT call for both signals per scale.
         both = torch.cat([pred, target], dim=0).float()
-        both_lengths = None if lengths is None else torch.as_tensor(lengths, device=pred.device).repeat(2)
+        both_lengths = None
+        if lengths is not None:  # checked once here, not once per scale
+            lengths = _check_lengths(torch.as_tensor(lengths, device=pred.device), batch, pred.shape[-1], check_lengths)
+            both_lengths = lengths.repeat(2)
         with torch.autocast(both.device.type, enabled=False):  # log-mels need fp32 under bf16-mixed
             return self._sum_over_scales(both, both_lengths, batch)
 
     def _sum_over_scales(self, both: Tensor, both_lengths: Tensor | None, batch: int) -> Tensor:
         loss = both.new_zeros(())
         for mel in self.mels:
-            spec = mel(both, both_lengths)  # [2B, n_mels, frames]
+            spec = mel(both, both_lengths, check_lengths=False)  # [2B, n_mels, frames]; lengths checked in forward
+
             mask = None
             if both_lengths is not None:
                 mask = frame_mask(both_lengths[:batch], mel.hop_length, spec.shape[-1])

@@ -130,36 +130,60 @@ class Vocos(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "Vocos":
-        """A `save_pretrained` directory, or a released-format ``.safetensors`` file, loaded strictly."""
-        from omegaconf import OmegaConf
-        from safetensors.torch import load_file
-
-        from flexitrain.models.codec.checkpoint import check_state_dict
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                        what: str = "vocoder") -> "Vocos":
+        """A `save_pretrained` directory (config.yaml + model.safetensors), or a released-format ``.safetensors``
+        file, loaded strictly and without pickle; a bad file raises one error naming it."""
+        from flexitrain.utils.safe_load import check_dir
 
         path = Path(path)
         if path.is_file():
-            return import_released_vocos(path)
-        if not ((path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
-            raise FileNotFoundError(f"{path} is neither a .safetensors file nor a Vocos checkpoint directory")
-        model = cls(**OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME)))
-        state = check_state_dict(model, load_file(str(path / WEIGHTS_NAME), device=str(map_location)), ignore=())
-        model.load_state_dict(state, strict=True)
-        return model.eval()
+            return import_released_vocos(path, what=what)
+        expects = f"a Vocos directory with {CONFIG_NAME} + {WEIGHTS_NAME} (save_pretrained / tools/import_vocos.py)"
+        path = check_dir(path, what, expects)
+        for f in (path / CONFIG_NAME, path / WEIGHTS_NAME):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found: {path} is neither a .safetensors file nor {expects}")
+        return _load_export(cls, path, "Vocos", what, map_location)
 
 
-def import_released_vocos(state_or_path, hop_size: int = 480) -> Vocos:
+def _load_export(cls, path: Path, kind: str, what: str, map_location="cpu"):
+    """A save_pretrained directory of ``cls`` (Vocos / VoiceboxNAR): safe YAML config + safetensors, strictly."""
+    from flexitrain.models.codec.checkpoint import CheckpointMismatchError, check_state_dict
+    from flexitrain.utils.safe_load import (CheckpointError, check_kind, guess_config_kind, guess_kind,
+                                            read_safetensors, read_yaml)
+
+    config = read_yaml(path / CONFIG_NAME, f"{what} config")
+    if not isinstance(config, dict):
+        raise CheckpointError(path / CONFIG_NAME, f"is not a mapping of {kind} settings", f"{what} config")
+    check_kind(path, guess_config_kind(config), kind, what)
+    state = read_safetensors(path / WEIGHTS_NAME, f"{what} weights", device=map_location)
+    check_kind(path / WEIGHTS_NAME, guess_kind(state), kind, f"{what} weights")
+    try:
+        model = cls(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(path / CONFIG_NAME, f"does not build a {kind}: {err}", f"{what} config") from None
+    try:
+        model.load_state_dict(check_state_dict(model, state, ignore=()), strict=True)
+    except CheckpointMismatchError as err:
+        raise err.with_path(path / WEIGHTS_NAME, f"{what} weights") from None
+    return model.eval()
+
+
+def import_released_vocos(state_or_path, hop_size: int = 480, what: str = "Vocos weights") -> Vocos:
     """Released ``vocos_emilia.safetensors`` (or its state dict) → `Vocos`, sizes read from the shapes, strict."""
     import re
 
-    from flexitrain.models.codec.checkpoint import check_state_dict
+    from flexitrain.models.codec.checkpoint import CheckpointMismatchError, check_state_dict
+    from flexitrain.utils.safe_load import WrongCheckpointError, check_kind, guess_kind, read_safetensors
 
+    path = None
     if isinstance(state_or_path, (str, Path)):
-        from safetensors.torch import load_file
-
-        if not Path(state_or_path).is_file():
-            raise FileNotFoundError(f"{state_or_path} does not exist (download vocos_emilia.safetensors first)")
-        state = load_file(str(state_or_path))
+        path = Path(state_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{what} {str(path)!r} does not exist (download vocos_emilia.safetensors first)")
+        state = read_safetensors(path, what)
+        check_kind(path, guess_kind(state), "Vocos", what)
     else:
         state = dict(state_or_path)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -167,11 +191,18 @@ def import_released_vocos(state_or_path, hop_size: int = 480) -> Vocos:
         embed, pw1, out = (state[k] for k in ("backbone.embed.weight", "backbone.convnext.0.pwconv1.weight",
                                               "head.out.weight"))
     except KeyError as e:
+        if path is not None:
+            raise WrongCheckpointError(path, f"is not a Vocos (ConvNeXt + ISTFT head) state dict: key {e} is "
+                                             f"missing", what) from None
         raise ValueError(f"not a Vocos (ConvNeXt + ISTFT head) state dict: key {e} is missing") from None
     if any(k.startswith("backbone.norm.scale") or ".norm.scale." in k for k in state):
-        raise ValueError("AdaLayerNorm (bandwidth-conditioned) Vocos checkpoints are not supported")
+        raise ValueError(f"{path or 'state dict'}: AdaLayerNorm (bandwidth-conditioned) Vocos checkpoints are not "
+                         f"supported")
     layers = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.convnext\.(\d+)\.", k))}
     model = Vocos(input_channels=embed.shape[1], dim=embed.shape[0], intermediate_dim=pw1.shape[0],
                   num_layers=len(layers), n_fft=out.shape[0] - 2, hop_size=hop_size)
-    model.load_state_dict(check_state_dict(model, state, ignore=()), strict=True)
+    try:
+        model.load_state_dict(check_state_dict(model, state, ignore=()), strict=True)
+    except CheckpointMismatchError as err:
+        raise (err.with_path(path, what) if path is not None else err) from None
     return model.eval()

@@ -19,6 +19,12 @@ from flexitrain.tasks.ar_tts_data import codec_targets, threshold_key
 from flexitrain.tasks.schedules import warmup_cosine
 
 
+def _plain(cfg):
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+
+
 class ARTTSTask(L.LightningModule):
     def __init__(self, model: dict, targets: dict | None = None, optimizer: dict | None = None,
                  scheduler: dict | None = None, grad_clip: float | None = 1.0, seed: int = 0,
@@ -27,6 +33,8 @@ class ARTTSTask(L.LightningModule):
         codec_model (+ codec_seed), teacher, cache (source=codec: keep each utterance's targets in memory)}.
         codec/teacher: already built frozen objects (tests, notebooks) instead of codec_ckpt."""
         super().__init__()
+        # Plain containers in the hyper-parameters (not Hydra's DictConfig): checkpoints load with weights_only=True.
+        model, targets, optimizer, scheduler = (_plain(model), _plain(targets), _plain(optimizer), _plain(scheduler))
         self.save_hyperparameters(ignore=["codec", "teacher"])
         model = {k: v for k, v in dict(model).items() if not k.startswith("_")}
         self.model = ARTTSModel(**model)
@@ -159,6 +167,11 @@ class ARTTSTask(L.LightningModule):
         clip = gradient_clip_val or self.grad_clip
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from flexitrain.tasks.checkpointing import save_hook
+
+        save_hook(self, checkpoint)  # plain containers and tensors only: loads with weights_only=True
 
     def init_from(self, path: str) -> None:
         """Strict initialisation from a released artts.safetensors or an ARTTSTask checkpoint."""

@@ -3,7 +3,10 @@
 One training step (manual optimisation, as the official trainer):
   teacher features (frozen, eval) -> generator forward at a per-rank τ -> D step on detached fakes ->
   G step on mel + adversarial + feature matching + VQ + distillation (+ REPA).
-`trainer.global_step` counts generator updates only: the discriminator steps its raw optimiser.
+`trainer.global_step` counts generator steps only (a skipped non-finite one too, see tasks/guards.py): the
+discriminator steps its raw optimiser. The step reads nothing back to the host (no device sync; enforced on CPU by
+tests/test_codec_step_syncs.py): batch lengths are checked on the host in `on_before_batch_transfer`.
+
 """
 from __future__ import annotations
 
@@ -15,14 +18,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from flexitrain.losses.adversarial import discriminator_loss, generator_gan_terms
+from flexitrain.losses.adversarial import discriminator_loss, generator_gan_terms, split_outputs
 from flexitrain.losses import build_repa_mlp, si_sdr
 from flexitrain.losses.masking import lengths_to_mask, masked_mse
 from flexitrain.losses.mel import MultiScaleMelLoss
 from flexitrain.losses.weights import combine_losses, resolve_loss_weights
 from flexitrain.models.discriminators import CodecDiscriminator
 from flexitrain.tasks.checkpointing import load_weights_strict
+from flexitrain.tasks.compiling import codec_compile_targets, compile_modules, compile_options
+from flexitrain.tasks.freezing import frozen
 from flexitrain.tasks.guards import NonFiniteStepGuard
 from flexitrain.tasks.schedules import warmup_cosine
 from flexitrain.tasks.teacher import build_teacher
@@ -59,6 +65,7 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         bypass_quantize_prob: float = 0.125,
         use_repa: bool = True,
         validation: dict | None = None,
+        compile: bool | dict = False,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -89,6 +96,7 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         self.bypass_quantize_prob = float(bypass_quantize_prob)
         self.val_cfg = {"thresholds": [1.0, 0.91], "num_quantizers": None, "num_audio_examples": 2,
                         **(_plain(validation) or {})}
+        self.compile_cfg = compile_options(_plain(compile))
         self._rng = random.Random(0)  # reseeded per rank in setup(): τ and bypass draws differ across ranks
         self._init_step_guard()  # skipped_steps counter (a buffer: survives resume)
         self._micro = 0
@@ -108,17 +116,32 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
     def setup(self, stage: str) -> None:
         seed = int(torch.initial_seed()) % (2**31)
         self._rng = random.Random(seed * 1000 + self.global_rank)
+        if self.compile_cfg["enabled"]:
+            teacher = self._teacher[0] if self.compile_cfg["teacher"] else None
+            compile_modules(codec_compile_targets(self.generator, self.discriminator, self.mel_loss, teacher),
+                            self.compile_cfg)
 
     def init_from(self, path: str) -> None:
         """Strictly initialise generator *and* discriminator (stage 2 from stage 1 or a released model)."""
         load_weights_strict(self, path)
 
+    def ddp_submodules(self) -> dict[str, dict]:
+        """One DDP per part under `GanDDPStrategy` (trainer=ddp): each backward reduces only its own part. The
+        generator needs unused-parameter detection when a step may leave some of its parameters without a
+        gradient on some rank: a bypassed RVQ (drawn per rank) leaves out the acoustic encoder and the
+        quantiser; a zero loss weight drops a term (e.g. the codebook loss, the codebooks' only gradient)."""
+        skips = self.bypass_quantize_prob > 0 or any(w == 0 for w in self.loss_weights.values())
+        return {"generator": {"find_unused_parameters": skips}, "discriminator": {}, "repa_mlp": {}}
+
     def configure_optimizers(self):
         oc = self.optim_cfg
         g_params = list(self.generator.parameters()) + (list(self.repa_mlp.parameters()) if self.repa_mlp else [])
-        opt_g = torch.optim.AdamW(g_params, lr=oc["lr"], betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"])
+        # fused=True: one kernel per parameter group, and the device-side skip of non-finite steps (found_inf,
+        # see tasks/guards.py) that needs no host sync.
+        opt_g = torch.optim.AdamW(g_params, lr=oc["lr"], betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"],
+                                  fused=True)
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=oc["lr_d"], betas=tuple(oc["betas"]),
-                                  weight_decay=oc["weight_decay"])
+                                  weight_decay=oc["weight_decay"], fused=True)
         sc = self.sched_cfg
         lam = warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"])
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lam)
@@ -128,8 +151,10 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
     # ---------------------------------------------------------------- forward pieces
     @torch.no_grad()
     def teacher_features(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher features; ``lengths`` must lie in [one teacher frame, N] (`check_batch` runs on every batch
+        on the host), so the teacher never reads them back (no host sync)."""
         with torch.autocast(device_type=self.device.type, enabled=False):
-            return self.teacher(audio.float(), lengths)
+            return self.teacher(audio.float(), lengths, lengths_checked=True)
 
     def sample_threshold(self) -> float:
         tc = self.threshold_cfg
@@ -149,7 +174,7 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         mask = lengths_to_mask(fake_lengths, fake.shape[-1])[:, None].to(fake.dtype)
         fake = fake * mask
         terms = {
-            "mel": self.mel_loss(fake, real, fake_lengths),
+            "mel": self.mel_loss(fake, real, fake_lengths, check_lengths=False),  # lengths: see check_batch
             "commit": out.commitment_loss,
             "codebook": out.codebook_loss,
             # Anchored to the mean-pooled teacher features, not the aggregator's own output (codec.md §7.10).
@@ -176,6 +201,27 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         skip, self._resume_skip = self._resume_skip, 0
         return skip
 
+    def check_batch(self, batch: Any) -> None:
+        """Host-side check of a batch's lengths, before it moves to the device: every length must lie in
+        [one teacher fbank frame (400 samples at 16 kHz), padded width]. The step itself reads no value back
+        to the host (no device sync), so the teacher's fbank, the mel loss and the codec trust these lengths.
+        The data pipeline never yields shorter items (``data.min_duration``, 0.1 s by default)."""
+        if not isinstance(batch, dict) or "audio" not in batch or "lengths" not in batch:
+            return
+        audio, lengths = batch["audio"], torch.as_tensor(batch["lengths"])
+        n = audio.shape[-1]
+        if lengths.dim() != 1 or lengths.shape[0] != audio.shape[0]:
+            raise ValueError(f"batch['lengths'] must have shape [{audio.shape[0]}], got {tuple(lengths.shape)}")
+        lo = self._teacher[0].frontend.frame_samples
+        if lengths.numel() and (int(lengths.min()) < lo or int(lengths.max()) > n):  # host memory: no device sync
+            raise ValueError(f"batch lengths must lie in [{lo}, {n}] samples (one 25-ms teacher frame, the padded "
+                             f"width; raise data.min_duration to drop shorter clips), got {lengths.tolist()}")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.check_batch(batch)  # still on the host here
+        return batch
+
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if self._pending_rng is not None:  # restored here, after everything that ran since the load
             torch.set_rng_state(self._pending_rng)
@@ -193,32 +239,41 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
 
         terms, out, fake, real = self.generator_losses(batch, threshold, bypass)
         if gan_on and gen_step % self.disc_every == 0:
-            loss_d = discriminator_loss(self.discriminator(fake.detach()), self.discriminator(real))
+            # Fake and real in one D call (D has no batch-coupled layers, so the outputs are those of two calls);
+            # weight norms computed once for the call.
+            with parametrize.cached():
+                d_fake, d_real = split_outputs(self.discriminator(torch.cat([fake.detach(), real], 0)), fake.shape[0])
+            loss_d = discriminator_loss(d_fake, d_real)
             self.manual_backward(loss_d / self.accumulate)
             if last_micro:
                 norm_d = self._clip(self.discriminator.parameters())
                 # Raw step: global_step counts generator updates only.
-                self._guarded_step(loss_d, norm_d, opt_d.optimizer.step, sched_d, "discriminator")
+                self._guarded_step(loss_d, norm_d, opt_d, sched_d, step=opt_d.optimizer.step)
                 opt_d.zero_grad(set_to_none=True)
             logs["loss_d"] = loss_d.detach()
         if gan_on:
-            terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
+            # D is frozen for the generator pass: its weight gradients would be computed only to be thrown away
+            # (about a tenth of the step's FLOPs at the released size); gradients still flow through it to G.
+            with frozen(self.discriminator), parametrize.cached():
+                terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
         loss_g, term_logs = combine_losses(terms, self.loss_weights)
         self.manual_backward(loss_g / self.accumulate)
-        # D received generator-side gradients through d_fake: they belong to no D update.
-        opt_d.zero_grad(set_to_none=True)
         if last_micro:
             g_params = [p for g in opt_g.param_groups for p in g["params"]]
             norm_g = self._clip(g_params)
-            self._guarded_step(loss_g, norm_g, opt_g.step, sched_g, "generator")
+            self._guarded_step(loss_g, norm_g, opt_g, sched_g)
             opt_g.zero_grad(set_to_none=True)
             logs["grad_norm_g"] = norm_g.detach()
         logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
-        logs["threshold"] = torch.tensor(threshold)
+        logs["threshold"] = out.threshold[0]  # τ as the generator got it: already on the device, no copy
         logs["tokens_per_second"] = out.num_tokens.float().sum() / (batch["lengths"].float().sum() / self.generator.sample_rate)
         logs["skipped_steps"] = self.skipped_steps.float()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, sync_dist=False)
-        self.log("loss_mel", term_logs["mel"], prog_bar=True, logger=False)
+        # Not on the progress bar: Lightning reads every progress-bar metric back to the host after every step
+        # (a sync), even on steps that did not log it. In callback_metrics for callbacks; logged as train/loss_mel.
+        self.log("loss_mel", term_logs["mel"], logger=False)
+
+
 
     # ---------------------------------------------------------------- validation
     # Validation must not consume the training RNG stream: a resumed run replays exactly the same steps.
@@ -278,6 +333,9 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
             "micro_step": self._micro,
             "epoch_batches": self._epoch_batches,
         }
+        from flexitrain.tasks.checkpointing import save_hook
+
+        save_hook(self, checkpoint)  # plain containers and tensors only: loads with weights_only=True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -3,8 +3,10 @@
 One step (manual optimisation, as CodecTask): audio → 24 kHz (resampled if the data rate differs) →
 mel24k → Vocos → D step on the detached fake (multi-period + multi-resolution STFT discriminators) →
 G step on multi-scale mel L1 + LSGAN + feature matching. Padding is zeroed in both signals and masked
-in the mel loss. `trainer.global_step` counts generator updates. A non-finite loss or gradient norm on any
-rank skips that update (and its LR step) on every rank and is counted in ``skipped_steps``, as in CodecTask.
+in the mel loss. `trainer.global_step` counts generator steps. A non-finite loss or gradient norm on any
+rank skips that update on every rank, on the device (the LR schedule and global_step still advance, as for
+AMP-skipped steps), and is counted in ``skipped_steps``, as in CodecTask (tasks/guards.py).
+
 """
 from __future__ import annotations
 
@@ -15,15 +17,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from flexitrain.audio.mel24k import SAMPLE_RATE, mel24k
 from flexitrain.audio.resample import resample, resample_lengths
-from flexitrain.losses.adversarial import discriminator_loss, generator_gan_terms
+from flexitrain.losses.adversarial import discriminator_loss, generator_gan_terms, split_outputs
 from flexitrain.losses.masking import lengths_to_mask
 from flexitrain.losses.mel import MultiScaleMelLoss
 from flexitrain.losses.weights import combine_losses, resolve_loss_weights
 from flexitrain.models.discriminators import CodecDiscriminator
 from flexitrain.models.vocos import Vocos
+from flexitrain.tasks.freezing import frozen
 from flexitrain.tasks.guards import NonFiniteStepGuard
 from flexitrain.tasks.schedules import warmup_cosine
 
@@ -59,12 +63,19 @@ class VocosTask(NonFiniteStepGuard, L.LightningModule):
         self.val_cfg = {"num_audio_examples": 2, **(_plain(validation) or {})}
         self._init_step_guard()  # skipped_steps counter (a buffer: survives resume)
 
+    def ddp_submodules(self) -> dict[str, dict]:
+        """One DDP per part under `GanDDPStrategy` (trainer=ddp): each backward reduces only its own part. Every
+        Vocos parameter gets a gradient each step unless a zero loss weight drops a term."""
+        return {"generator": {"find_unused_parameters": any(w == 0 for w in self.loss_weights.values())},
+                "discriminator": {}}
+
     def configure_optimizers(self):
         oc, sc = self.optim_cfg, self.sched_cfg
+        # fused=True: the device-side skip of non-finite steps (found_inf, tasks/guards.py), no host sync.
         opt_g = torch.optim.AdamW(self.generator.parameters(), lr=oc["lr"], betas=tuple(oc["betas"]),
-                                  weight_decay=oc["weight_decay"])
+                                  weight_decay=oc["weight_decay"], fused=True)
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=oc["lr_d"], betas=tuple(oc["betas"]),
-                                  weight_decay=oc["weight_decay"])
+                                  weight_decay=oc["weight_decay"], fused=True)
         lam = warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"])
         return [opt_g, opt_d], [torch.optim.lr_scheduler.LambdaLR(opt_g, lam),
                                 torch.optim.lr_scheduler.LambdaLR(opt_d, lam)]
@@ -97,22 +108,25 @@ class VocosTask(NonFiniteStepGuard, L.LightningModule):
         bsz = fake.shape[0]
         logs: dict[str, Tensor] = {}
         if gan_on:
-            loss_d = discriminator_loss(self.discriminator(fake.detach()), self.discriminator(real))
+            with parametrize.cached():  # fake and real in one D call, weight norms computed once
+                d_fake, d_real = split_outputs(self.discriminator(torch.cat([fake.detach(), real], 0)), bsz)
+            loss_d = discriminator_loss(d_fake, d_real)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_d)
             logs["grad_norm_d"] = norm_d = self._clip(self.discriminator.parameters())
             # Raw step: global_step counts generator updates only.
-            self._guarded_step(loss_d, norm_d, opt_d.optimizer.step, sched_d, "discriminator")
+            self._guarded_step(loss_d, norm_d, opt_d, sched_d, step=opt_d.optimizer.step)
             logs["loss_d"] = loss_d.detach()
         terms = {"mel": self.mel_loss(fake, real, lengths)}
         if gan_on:
-            terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
+            with frozen(self.discriminator), parametrize.cached():  # no D weight gradients in the G pass
+                terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
         loss_g, term_logs = combine_losses(terms, self.loss_weights)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
-        opt_d.zero_grad(set_to_none=True)  # generator-side gradients through D belong to no D update
         logs["grad_norm_g"] = norm_g = self._clip(self.generator.parameters())
-        self._guarded_step(loss_g, norm_g, opt_g.step, sched_g, "generator")
+        self._guarded_step(loss_g, norm_g, opt_g, sched_g)
+
         logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
         logs["skipped_steps"] = self.skipped_steps.float()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bsz)
@@ -132,6 +146,11 @@ class VocosTask(NonFiniteStepGuard, L.LightningModule):
                     for i in range(min(k, fake.shape[0])):
                         clip = fake[i, 0, : int(lengths[i])].float().clamp(-1, 1).cpu()
                         exp.add_audio(f"val_audio/{i}", clip, self.global_step, sample_rate=SAMPLE_RATE)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from flexitrain.tasks.checkpointing import save_hook
+
+        save_hook(self, checkpoint)  # plain containers and tensors only: loads with weights_only=True
 
     def init_from(self, path: str) -> None:
         """Initialise the generator from a released ``.safetensors`` / exported directory, or the whole task

@@ -306,6 +306,9 @@ class VoiceboxTask(L.LightningModule):
     # ---------------------------------------------------------------- checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["flexitrain"] = {"rng_python": self._rng.getstate(), "rng_task": self._gen.get_state()}
+        from flexitrain.tasks.checkpointing import save_hook
+
+        save_hook(self, checkpoint)  # plain containers and tensors only: loads with weights_only=True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("flexitrain")

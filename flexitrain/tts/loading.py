@@ -1,8 +1,11 @@
 """Load the FlexiCodec-TTS stages from local files: Lightning checkpoints of the flexitrain tasks, exported /
-imported model directories, or released files. Nothing is downloaded; a missing path is a clear error."""
+imported model directories, or released files. Nothing is downloaded; a missing path is a clear error.
+
+No file runs code: task checkpoints are read with ``torch.load(weights_only=True)``, exports and released files
+are safetensors + YAML/JSON. A bad file (empty, truncated, a directory, unsafe pickle, another stage's checkpoint,
+wrong sizes, missing / extra keys) raises one `CheckpointError` naming it and what is wrong."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,11 +19,13 @@ def _existing(path: str | Path, what: str) -> Path:
     return p
 
 
-def load_task(cls, path: Path):
-    """A flexitrain task from its Lightning checkpoint, strictly. weights_only=False: a Hydra-built task keeps its
-    DictConfig constructor arguments in ``hyper_parameters``, which the weights-only unpickler refuses (the same
-    trust as resuming training from the file)."""
-    return cls.load_from_checkpoint(str(path), map_location="cpu", strict=True, weights_only=False)
+def load_task(cls, path: Path, what: str = "checkpoint"):
+    """A flexitrain task from its Lightning checkpoint, strictly and weights-only (`tasks.checkpointing.load_task`:
+    the right task, every key and size checked first). Checkpoints written before flexitrain stored plain
+    hyper-parameters are refused with the command that converts them (tools/convert_checkpoint.py)."""
+    from flexitrain.tasks.checkpointing import load_task as _load
+
+    return _load(cls, path, what)
 
 
 def load_ar(path: str | Path) -> tuple[nn.Module, tuple[nn.Module, nn.Module] | None]:
@@ -30,21 +35,18 @@ def load_ar(path: str | Path) -> tuple[nn.Module, tuple[nn.Module, nn.Module] | 
     from flexitrain.models.tts.ar_checkpoint import load_ar_weights
     from flexitrain.models.tts.ar_tts import ARTTSModel, released_config
 
+    from flexitrain.models.tts.ar_checkpoint import load_pretrained
+
     p = _existing(path, "AR checkpoint")
     if p.is_dir():
-        cfg_file = p / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{p} has no config.json (write it with tools/import_artts.py --out)")
-        model = ARTTSModel(**json.loads(cfg_file.read_text()))
-        load_ar_weights(model, p / "model.safetensors")
-        return model.eval(), None
+        return load_pretrained(p, "AR checkpoint"), None
     if p.suffix == ".safetensors":
         model = ARTTSModel(**released_config())
         load_ar_weights(model, p)
         return model.eval(), None
     from flexitrain.tasks.ar_tts import ARTTSTask
 
-    task = load_task(ARTTSTask, p)
+    task = load_task(ARTTSTask, p, "AR checkpoint")
     codec, teacher = task._frozen
     return task.model.eval(), ((codec, teacher) if codec is not None and teacher is not None else None)
 
@@ -55,10 +57,14 @@ def load_nar(path: str | Path) -> tuple[nn.Module, tuple[nn.Module, nn.Module] |
 
     p = _existing(path, "NAR checkpoint")
     if p.is_dir():
-        return VoiceboxNAR.from_pretrained(p), None
+        return VoiceboxNAR.from_pretrained(p, what="NAR checkpoint"), None
+    if p.suffix == ".safetensors":
+        from flexitrain.models.tts.voicebox_import import import_released_nartts
+
+        return import_released_nartts(p, what="NAR checkpoint"), None
     from flexitrain.tasks.voicebox import VoiceboxTask
 
-    task = load_task(VoiceboxTask, p)
+    task = load_task(VoiceboxTask, p, "NAR checkpoint")
     codec, teacher = task._frozen.get("codec"), task._frozen.get("teacher")
     return task.nar.eval(), ((codec, teacher) if codec is not None and teacher is not None else None)
 
@@ -69,10 +75,10 @@ def load_vocoder(path: str | Path) -> nn.Module:
 
     p = _existing(path, "vocoder checkpoint")
     if p.is_dir() or p.suffix == ".safetensors":
-        return Vocos.from_pretrained(p)
+        return Vocos.from_pretrained(p, what="vocoder checkpoint")
     from flexitrain.tasks.vocos import VocosTask
 
-    return load_task(VocosTask, p).generator.eval()
+    return load_task(VocosTask, p, "vocoder checkpoint").generator.eval()
 
 
 def codec_fingerprint(codec: nn.Module) -> str:

@@ -10,6 +10,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from flexitrain.utils.safe_load import (MAX_LISTED, CheckpointError, WrongCheckpointError, check_dir, check_kind,
+                                        guess_config_kind, guess_kind, read_safetensors, read_yaml)
+
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -20,18 +23,25 @@ DEFAULT_IGNORE = ("repa_mlp.*", "semantic_model.*")
 DEFAULT_ALLOW_MISSING = ("semantic_mean", "semantic_std")
 
 
-class CheckpointMismatchError(RuntimeError):
-    """Raised with the full list of missing / unexpected / mis-shaped keys."""
+class CheckpointMismatchError(WrongCheckpointError):
+    """Missing / unexpected / mis-shaped keys: the full lists as attributes, the message names the file and a
+    handful of each with their counts."""
 
-    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str]):
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str],
+                 path: str | Path | None = None, what: str = "checkpoint", limit: int = MAX_LISTED):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = ["checkpoint does not match the model:"]
+        lines = ["does not match the model:"]
         for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                             ("shape mismatches", mismatched)):
             if keys:
                 lines.append(f"  {title} ({len(keys)}):")
-                lines += [f"    {k}" for k in keys]
-        super().__init__("\n".join(lines))
+                lines += [f"    {k}" for k in keys[:limit]]
+                if len(keys) > limit:
+                    lines.append(f"    ... and {len(keys) - limit} more")
+        super().__init__(path if path is not None else "<state dict>", "\n".join(lines), what)
+
+    def with_path(self, path: str | Path, what: str = "checkpoint") -> "CheckpointMismatchError":
+        return CheckpointMismatchError(self.missing, self.unexpected, self.mismatched, path, what)
 
 
 def _ignored(key: str, patterns: Iterable[str]) -> bool:
@@ -88,22 +98,48 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_pretrained(path: str | Path, semantic_teacher: nn.Module | None = None,
-                    map_location: str | torch.device = "cpu"):
-    """Build a FlexiCodec from a local checkpoint directory and load it strictly."""
-    from safetensors.torch import load_file
+EXPECTS = (f"a FlexiCodec directory with {CONFIG_NAME} + {WEIGHTS_NAME}, from FlexiCodec.save_pretrained or "
+           f"tools/import_official.py")
 
-    from .config import load_config
-    from .flexicodec import FlexiCodec
+
+def read_pretrained_config(path: str | Path, what: str = "codec directory") -> dict:
+    """The FlexiCodec constructor arguments of an export's ``config.yaml`` (safe YAML), or one clear error."""
+    from .config import check_config
 
     path = Path(path)
-    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for f in (cfg_file, weights):
+    data = read_yaml(path / CONFIG_NAME, f"{what} config")
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise CheckpointError(path / CONFIG_NAME, "is not a mapping of FlexiCodec settings", f"{what} config")
+    check_kind(path, guess_config_kind(data), "FlexiCodec", what)
+    try:
+        return check_config(data)
+    except ValueError as err:
+        raise CheckpointError(path / CONFIG_NAME, str(err), f"{what} config") from None
+
+
+def load_pretrained(path: str | Path, semantic_teacher: nn.Module | None = None,
+                    map_location: str | torch.device = "cpu", what: str = "codec directory"):
+    """Build a FlexiCodec from a local checkpoint directory and load it strictly. No pickle is read: the weights
+    are safetensors, the configuration YAML. A bad directory raises one error naming the file and the problem."""
+    from .flexicodec import FlexiCodec
+
+    path = check_dir(path, what, EXPECTS)
+    for f in (path / CONFIG_NAME, path / WEIGHTS_NAME):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: expected a flexitrain checkpoint directory "
-                                    f"({CONFIG_NAME} + {WEIGHTS_NAME}); see tools/import_official.py")
-    model = FlexiCodec(**load_config(cfg_file), semantic_teacher=semantic_teacher)
-    load_state_dict_strict(model, load_file(str(weights), device=str(map_location)))
+            raise FileNotFoundError(f"{f} not found: expected {EXPECTS}")
+    config = read_pretrained_config(path, what)
+    state = read_safetensors(path / WEIGHTS_NAME, f"{what} weights", device=map_location)
+    check_kind(path / WEIGHTS_NAME, guess_kind(state), "FlexiCodec", f"{what} weights")
+    try:
+        model = FlexiCodec(**config, semantic_teacher=semantic_teacher)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(path / CONFIG_NAME, f"does not build a FlexiCodec: {err}", f"{what} config") from None
+    try:
+        load_state_dict_strict(model, state)
+    except CheckpointMismatchError as err:
+        raise err.with_path(path / WEIGHTS_NAME, f"{what} weights") from None
     return model.to(map_location).eval()
 
 
@@ -115,14 +151,19 @@ def import_official(weights: str | Path, config: dict, out_dir: str | Path,
     fp16 → fp32; keys checked strictly except ``DEFAULT_IGNORE`` + ``extra_ignore`` (and
     ``allow_missing`` model keys, which keep their init).
     """
-    from safetensors.torch import load_file
-
     from .config import check_config
     from .flexicodec import FlexiCodec
 
     config = check_config(config)
+    state = read_safetensors(weights, "official codec weights")
+    found = guess_kind(k[len(strip_prefix):] if strip_prefix and k.startswith(strip_prefix) else k for k in state)
+    check_kind(weights, found, "FlexiCodec", "official codec weights",
+               hint="give tools/import_official.py the codec's .safetensors" if found else "")
     with torch.device("cpu"):
         model = FlexiCodec(**config)
-    load_state_dict_strict(model, load_file(str(weights)), ignore=DEFAULT_IGNORE + tuple(extra_ignore),
-                           allow_missing=DEFAULT_ALLOW_MISSING + tuple(allow_missing), strip_prefix=strip_prefix)
+    try:
+        load_state_dict_strict(model, state, ignore=DEFAULT_IGNORE + tuple(extra_ignore),
+                               allow_missing=DEFAULT_ALLOW_MISSING + tuple(allow_missing), strip_prefix=strip_prefix)
+    except CheckpointMismatchError as err:
+        raise err.with_path(weights, "official codec weights") from None
     return save_pretrained(model, out_dir)

@@ -303,11 +303,12 @@ class FlexiCodec(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, semantic_teacher: nn.Module | None = None,
-                        map_location: str | torch.device = "cpu") -> "FlexiCodec":
-        """Load a local flexitrain checkpoint directory (``config.yaml`` + ``model.safetensors``). Nothing downloads."""
+                        map_location: str | torch.device = "cpu", what: str = "codec directory") -> "FlexiCodec":
+        """Load a local flexitrain checkpoint directory (``config.yaml`` + ``model.safetensors``). Nothing downloads,
+        nothing is unpickled; a bad directory or file raises one error naming it and what is wrong."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(path, semantic_teacher=semantic_teacher, map_location=map_location)
+        return load_pretrained(path, semantic_teacher=semantic_teacher, map_location=map_location, what=what)
 
     # ------------------------------------------------------------------ building blocks
     def _threshold(self, threshold, B: int, device) -> torch.Tensor:
@@ -337,12 +338,17 @@ class FlexiCodec(nn.Module):
         return feats.float(), feat_lens
 
     def encode_frames(self, audio: torch.Tensor, semantic: torch.Tensor, audio_lengths: torch.Tensor | None = None,
-                      semantic_lengths: torch.Tensor | None = None, use_padding_mask: bool = True):
+                      semantic_lengths: torch.Tensor | None = None, use_padding_mask: bool = True,
+                      host_checks: bool = True):
         """12.5 Hz acoustic and semantic frames.
 
         audio ``[B, 1, N]`` at the codec rate; semantic ``[B, 512, T_sem]`` teacher-rate features.
         Returns ``(acoustic [B, latent, T], semantic [B, 512, T], frame_lengths [B] or None)``.
         Official mode: ``frame_lengths`` is the downsampled ``semantic_lengths`` (None if not given).
+        ``host_checks`` (masked mode; inference): read the lengths back to skip masking work when no item is
+        shorter than the batch, and raise a ValueError for empty semantic lengths. ``False`` (training
+        forward): no host read (no device sync): always masked (the same values), and the empty-lengths check
+        is a device-side assert (``torch._assert_async``).
         """
         B, _, N = audio.shape
         hop = self.hop_length
@@ -363,27 +369,37 @@ class FlexiCodec(nn.Module):
             audio_lengths = torch.full((B,), N, device=device, dtype=torch.long)
         if semantic_lengths is None:
             semantic_lengths = torch.full((B,), semantic.shape[-1], device=device, dtype=torch.long)
-        if bool((audio_lengths != N).any()):  # whatever the caller padded with, an item alone sees zeros
+        # Whatever the caller padded with, an item alone sees zeros (multiplying by 1 changes nothing).
+        if not host_checks or bool((audio_lengths != N).any()):
             audio = audio * (torch.arange(N, device=device) < audio_lengths.unsqueeze(1)).unsqueeze(1)
         audio = self.dac.pad_to_hop(audio)
         padded_lengths = (audio_lengths + hop - 1) // hop * hop
-        ragged = bool((padded_lengths != audio.shape[-1]).any())  # then also mask every conv input
+        # Ragged: then also mask every conv input (the masks are all-ones otherwise: same values).
+        ragged = not host_checks or bool((padded_lengths != audio.shape[-1]).any())
         acoustic = self.dac.encoder(audio, padded_lengths if ragged else None, channels_last=self.fast_conv_layout)
         sem, sem_len = downsample_features_per_item(semantic, semantic_lengths, f)
         T = min(acoustic.shape[-1], sem.shape[-1])
-        if T == 0 or bool((sem_len == 0).any()):
-            raise ValueError("input too short: no 12.5 Hz frame after downsampling the semantic features")
+        too_short = "input too short: no 12.5 Hz frame after downsampling the semantic features"
+        if T == 0 or (host_checks and bool((sem_len == 0).any())):
+            raise ValueError(too_short)
+        if not host_checks:
+            torch._assert_async((sem_len > 0).all(), too_short)
+
         frame_lengths = torch.minimum(torch.minimum(padded_lengths // hop, sem_len), torch.tensor(T, device=device))
         keep = (torch.arange(T, device=device) < frame_lengths.unsqueeze(1)).unsqueeze(1)
         return acoustic[..., :T] * keep, sem[..., :T] * keep, frame_lengths
 
     def group(self, semantic: torch.Tensor, threshold: torch.Tensor, frame_lengths: torch.Tensor | None,
-              use_padding_mask: bool = True) -> Grouping:
-        """Merge 12.5 Hz frames into tokens (every frame is a token for fixed-rate models)."""
+              use_padding_mask: bool = True, static_groups: bool = False) -> Grouping:
+        """Merge 12.5 Hz frames into tokens (every frame is a token for fixed-rate models).
+        ``static_groups`` (masked mode with frame lengths): the group axis has T entries, not the largest group
+        count, so nothing is read back to the host (see `group_frames`)."""
         if not self.use_similarity_alignment:
             threshold = torch.full_like(threshold, 2.0)  # cos <= 2 always: one token per frame
         cap = self.max_tokens_per_group if self.use_similarity_alignment else None
-        return group_frames(semantic, threshold, cap, frame_lengths, mask_padding=use_padding_mask)
+        static_groups = static_groups and use_padding_mask and frame_lengths is not None
+        return group_frames(semantic, threshold, cap, frame_lengths, mask_padding=use_padding_mask,
+                            static_groups=static_groups)
 
     def aggregate(self, acoustic: torch.Tensor, semantic: torch.Tensor, grouping: Grouping,
                   use_padding_mask: bool = True):
@@ -570,11 +586,15 @@ class FlexiCodec(nn.Module):
             semantic_features, semantic_lengths = self._teacher_features(audio, lens)
         elif semantic_lengths is None and lengths is not None and use_padding_mask:
             semantic_lengths = teacher_frames(lengths).clamp(max=semantic_features.shape[-1])
+        # Masked mode (the training default) reads nothing back to the host (no device sync): the group axis is
+        # padded to T and padding is always masked (padded groups and all-ones masks change no loss).
         acoustic, semantic, frame_lengths = self.encode_frames(
-            audio, semantic_features, lengths if use_padding_mask else None, semantic_lengths, use_padding_mask)
+            audio, semantic_features, lengths if use_padding_mask else None, semantic_lengths, use_padding_mask,
+            host_checks=False)
         T = acoustic.shape[-1]
         tau = self._threshold(threshold, B, device)
-        grouping = self.group(semantic, tau, frame_lengths, use_padding_mask)
+        static = use_padding_mask and frame_lengths is not None
+        grouping = self.group(semantic, tau, frame_lengths, use_padding_mask, static_groups=static)
         group_mask = grouping.group_mask
         sem_tokens, ac_tokens = self.aggregate(acoustic, semantic, grouping, use_padding_mask)
         sem_codes, _, sem_decoded = self.semantic_branch(sem_tokens, group_mask if use_padding_mask else None)
@@ -588,15 +608,23 @@ class FlexiCodec(nn.Module):
         zero = audio.new_zeros(())
         commitment, codebook, acoustic_codes, n_q = zero, zero, None, None
         if not bypass_quantize:
+            # The VQ losses average over the compact layout's groups (padded groups included, as before the
+            # group axis was padded to T): the extra columns are masked out of them.
+            vq_mask = None
+            if static:
+                vq_mask = torch.arange(ac_tokens.shape[-1], device=device) < grouping.compact_groups
+
             with _no_autocast(ac_tokens):
-                rvq = self.dac.quantizer((ac_tokens - sem_decoded).float(), n_quantizers, dropout=quantizer_dropout)
+                rvq = self.dac.quantizer((ac_tokens - sem_decoded).float(), n_quantizers, dropout=quantizer_dropout,
+                                         loss_mask=vq_mask)
             commitment, codebook, acoustic_codes, n_q = rvq.commitment_loss, rvq.codebook_loss, rvq.codes, rvq.n_quantizers
             acoustic_latent = expand_groups(rvq.quantized, f2g) if self.use_similarity_alignment else rvq.quantized
             latent = acoustic_latent + latent
 
         frame_mask = torch.ones(B, T, dtype=torch.bool, device=device) if frame_lengths is None else \
             torch.arange(T, device=device) < frame_lengths.unsqueeze(1)
-        ragged = use_padding_mask and frame_lengths is not None and bool((frame_lengths != T).any())
+        ragged = use_padding_mask and frame_lengths is not None  # masks of full items are all-ones: no host check
+
         bottleneck = self.bottleneck(latent, frame_lengths if ragged else None)
         out = self.dac_decode(bottleneck, frame_lengths if ragged else None,
                               channels_last=use_padding_mask and self.fast_conv_layout)

@@ -103,14 +103,42 @@ class WNConvTranspose1d(_WeightNormMixin, nn.Module):
                 f"stride={self.stride}, padding={self.padding}")
 
 
+def _snake_fp32(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The Snake formula computed in fp32 and returned in ``x``'s dtype (one fused kernel once compiled)."""
+    xf, af = x.float(), alpha.float()
+    return (xf + (af + 1e-9).reciprocal() * torch.sin(af * xf).pow(2)).to(x.dtype)
+
+
+_FUSED_SNAKE = {"enabled": True, "fn": None}
+
+
+def set_fused_snake(enabled: bool) -> None:
+    """GPU Snake as one compiled kernel per direction (default on); off: the eager formula (5 kernels each way)."""
+    _FUSED_SNAKE["enabled"] = bool(enabled)
+
+
+def _fused_snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    fn = _FUSED_SNAKE["fn"]
+    if fn is None:  # compiled lazily: importing the model must not need a compiler
+        fn = _FUSED_SNAKE["fn"] = torch.compile(_snake_fp32, dynamic=True)
+    return fn(x, alpha)
+
+
 def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Snake: x + sin²(αx)/(α + 1e-9), the DAC formula term by term (same rounding).
 
-    Under no_grad it runs in place on one temporary, which halves the memory traffic
+    Dtype-preserving: a bf16 activation stays bf16 (computed in fp32 inside; ``alpha`` is an fp32
+    parameter and would otherwise promote every conv output under autocast back to fp32).
+    On CUDA the formula runs as one fused kernel forward and one backward (`set_fused_snake`).
+    Under no_grad on CPU it runs in place on one temporary, which halves the memory traffic
     of the five element-wise passes; with autograd it uses the plain expression.
     """
     if x.dim() != alpha.dim():  # [B, C, 1, T] layout
         alpha = alpha.view(1, -1, *([1] * (x.dim() - 2)))
+    if x.is_cuda and _FUSED_SNAKE["enabled"]:
+        return _fused_snake(x, alpha)
+    if x.dtype != alpha.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        return _snake_fp32(x, alpha)
     inv = (alpha + 1e-9).reciprocal()
     if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
         return x + inv * torch.sin(alpha * x).pow(2)

@@ -20,6 +20,10 @@ class Grouping:
     num_groups: torch.Tensor  # [B] valid groups per item
     token_lengths: torch.Tensor  # [B, G] frames per group (0 for padded groups)
     similarity: torch.Tensor  # [B, T-1] cosine similarity of neighbouring frames
+    # 0-dim int64: the group count of the compact layout (the largest valid count in masked mode). Equals G
+    # unless the group axis was padded to T (``static_groups``); losses averaged over "the batch's groups"
+    # use it so that they do not depend on the padding.
+    compact_groups: torch.Tensor | None = None
 
     @property
     def group_mask(self) -> torch.Tensor:
@@ -28,14 +32,21 @@ class Grouping:
 
 
 def group_frames(h: torch.Tensor, threshold, max_tokens_per_group: int | None = None,
-                 frame_lengths: torch.Tensor | None = None, mask_padding: bool = False) -> Grouping:
+                 frame_lengths: torch.Tensor | None = None, mask_padding: bool = False,
+                 static_groups: bool = False) -> Grouping:
     """Group the frames of ``h`` ``[B, D, T]`` (channel-first) by neighbour similarity.
 
     threshold: float or ``[B]`` tensor (τ per item).
     frame_lengths: ``[B]`` valid frames per item. Official behaviour (``mask_padding=False``): transitions
     touching padding get similarity 0, so each padded frame becomes its own (extra) group. With
     ``mask_padding=True`` padded frames belong to no group and G is the largest valid group count.
+    static_groups (needs ``mask_padding`` and ``frame_lengths``): the group axis is padded to G = T, the upper
+    bound, so no size depends on the data and nothing is read back to the host (no device sync; what a
+    training step needs). Groups ``>= num_groups`` are empty (zero alignment rows, ``token_lengths`` 0) as in
+    the compact layout, which is the first ``compact_groups`` columns of this one.
     """
+    if static_groups and not (mask_padding and frame_lengths is not None):
+        raise ValueError("static_groups needs mask_padding=True and frame_lengths")
     B, D, T = h.shape
     device = h.device
     ar_t = torch.arange(T, device=device)
@@ -74,10 +85,14 @@ def group_frames(h: torch.Tensor, threshold, max_tokens_per_group: int | None = 
             G_tensor = num_groups.max()
         else:
             G_tensor = f2s.max() + 1  # official: padded frames form extra groups
-    G = int(G_tensor) if B > 0 else 0  # the one host sync: tensor sizes depend on G
+    if static_groups:
+        G = T  # a frame per group at most: static shapes, no host read
+    else:
+        G = int(G_tensor) if B > 0 else 0  # the one host sync: tensor sizes depend on G
     alignment = (f2s.unsqueeze(1) == torch.arange(G, device=device).view(1, -1, 1)).to(h.dtype)
     token_lengths = alignment.sum(dim=2).long()
-    return Grouping(f2s, alignment, num_groups, token_lengths, sim)
+    return Grouping(f2s, alignment, num_groups, token_lengths, sim, G_tensor.reshape(()) if B > 0 else None)
+
 
 
 def mean_pool(features: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:

@@ -40,15 +40,26 @@ class VectorQuantize(nn.Module):
         """``[B, T]`` codes → raw codebook rows ``[B, d, T]``."""
         return F.embedding(codes, self.codebook.weight).transpose(1, 2)
 
-    def forward(self, z: torch.Tensor):
-        """Returns ``(out [B,D,T], commitment [B], codebook_loss [B], codes [B,T], z_e [B,d,T])``."""
+    def forward(self, z: torch.Tensor, loss_mask: torch.Tensor | None = None):
+        """Returns ``(out [B,D,T], commitment [B], codebook_loss [B], codes [B,T], z_e [B,d,T])``.
+        ``loss_mask`` (``[T]`` or ``[B, T]`` bool): the losses average over these positions only."""
         z_e = self.in_proj(z)
         codes = self.nearest(z_e)
         z_q = self.lookup(codes)
-        commitment = F.mse_loss(z_e, z_q.detach(), reduction="none").mean([1, 2])
-        codebook = F.mse_loss(z_q, z_e.detach(), reduction="none").mean([1, 2])
+        commitment = _mean_over(F.mse_loss(z_e, z_q.detach(), reduction="none"), loss_mask)
+        codebook = _mean_over(F.mse_loss(z_q, z_e.detach(), reduction="none"), loss_mask)
         z_q = z_e + (z_q - z_e).detach()  # straight-through; numerically part of the official output
         return self.out_proj(z_q), commitment, codebook, codes, z_e
+
+
+def _mean_over(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-item mean of ``values`` ``[B, d, T]`` over d and the positions where ``mask`` (``[T]`` / ``[B, T]``)
+    is True (all if None); no host read."""
+    if mask is None:
+        return values.mean([1, 2])
+    m = mask.expand(values.shape[0], values.shape[-1]).unsqueeze(1).to(values.dtype)
+    count = (m.sum([1, 2]) * values.shape[1]).clamp(min=1)
+    return (values * m).sum([1, 2]) / count
 
 
 @dataclass
@@ -74,8 +85,10 @@ class ResidualVectorQuantize(nn.Module):
         self.quantizers = nn.ModuleList(
             VectorQuantize(input_dim, codebook_size, codebook_dim[i]) for i in range(n_codebooks))
 
-    def forward(self, z: torch.Tensor, n_quantizers: int | None = None, dropout: bool = False) -> RVQOutput:
-        """Quantise ``z`` ``[B, D, T]``.
+    def forward(self, z: torch.Tensor, n_quantizers: int | None = None, dropout: bool = False,
+                loss_mask: torch.Tensor | None = None) -> RVQOutput:
+        """Quantise ``z`` ``[B, D, T]``. ``loss_mask`` (``[T]`` or ``[B, T]`` bool): the commitment and codebook
+        losses average over these positions only (all if None); the codes and outputs cover every position.
 
         ``dropout=False``: the first ``n_quantizers`` stages (all if None) for every item.
         ``dropout=True`` (training): all stages up to ``n_quantizers`` run, and the first
@@ -98,7 +111,8 @@ class ResidualVectorQuantize(nn.Module):
         codebook = z.new_zeros(())
         codes, latents = [], []
         for i in range(n_max):
-            out_i, com_i, cb_i, codes_i, z_e_i = self.quantizers[i](residual)
+            out_i, com_i, cb_i, codes_i, z_e_i = self.quantizers[i](residual, loss_mask)
+
             if dropout:
                 mask = (i < n_q).to(z.dtype)
                 quantized = quantized + out_i * mask[:, None, None]

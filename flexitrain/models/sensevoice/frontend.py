@@ -93,11 +93,18 @@ class SenseVoiceFrontend(nn.Module):
     def from_mvn(cls, am_mvn: str | Path, **kwargs) -> "SenseVoiceFrontend":
         return cls(*load_am_mvn(am_mvn), **kwargs)
 
-    def fbank(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, N]`` in [-1, 1] -> Kaldi fbank ``[B, F, n_mels]`` (input scaled to int16 range first)."""
+    def fbank(self, wav: torch.Tensor, lengths: torch.Tensor | None = None,
+              lengths_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, N]`` in [-1, 1] -> Kaldi fbank ``[B, F, n_mels]`` (input scaled to int16 range first).
+        ``lengths_checked``: see `kaldi_fbank` (no host read of the lengths)."""
         return kaldi_fbank(wav, lengths, sample_rate=self.fs, num_mel_bins=self.n_mels, frame_length_ms=self.frame_length,
                            frame_shift_ms=self.frame_shift, window_type=self.window, dither=self.dither,
-                           scale=float(1 << 15) if self.upscale_samples else 1.0)
+                           scale=float(1 << 15) if self.upscale_samples else 1.0, lengths_checked=lengths_checked)
+
+    @property
+    def frame_samples(self) -> int:
+        """Samples in one fbank frame: the shortest item the front end takes without its short-clip path."""
+        return int(self.fs * self.frame_length * 0.001)
 
     def lfr_cmvn(self, fbank: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LFR then CMVN (``(x + shift) * scale``, two roundings as FunASR); rows past each length are zero."""
@@ -106,8 +113,10 @@ class SenseVoiceFrontend(nn.Module):
             x.add_(self.cmvn_shift).mul_(self.cmvn_scale)
         return _zero_past(x, out_lengths), out_lengths
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """wav ``[B, N]`` or ``[B, 1, N]`` float in [-1, 1]; lengths ``[B]`` (default full)."""
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None,
+                lengths_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """wav ``[B, N]`` or ``[B, 1, N]`` float in [-1, 1]; lengths ``[B]`` (default full).
+        ``lengths_checked``: every length is known to lie in [`frame_samples`, N] (see `kaldi_fbank`)."""
         if wav.dim() == 3:
             if wav.shape[1] != 1:
                 raise ValueError(f"expected mono wav [B, 1, N], got {tuple(wav.shape)}")
@@ -116,7 +125,8 @@ class SenseVoiceFrontend(nn.Module):
             raise ValueError(f"expected wav [B, N] or [B, 1, N], got {tuple(wav.shape)}")
         if lengths is None:
             lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long, device=wav.device)
-        fb, fb_lengths = self.fbank(wav.float(), lengths)
+        fb, fb_lengths = self.fbank(wav.float(), lengths, lengths_checked)
+
         return self.lfr_cmvn(fb, fb_lengths)
 
     @staticmethod

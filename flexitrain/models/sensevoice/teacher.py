@@ -144,13 +144,17 @@ class SenseVoiceTeacher(nn.Module):
         return hidden.transpose(1, 2), feat_lengths
 
     @torch.no_grad()
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None,
+                lengths_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``wav [B, 1, T] | [B, T]`` float in [-1, 1] at 16 kHz, ``lengths [B]`` samples (default full)
         -> ``(semantic [B, 512, T_lfr], semantic_lengths [B])``. ``T_lfr = ceil((1 + (T-400)//160) / 6)`` for the
         padded width T (1 below 400 samples); item b is valid up to ``semantic_lengths[b]`` (same formula on
-        ``lengths[b]``) and zero after it."""
+        ``lengths[b]``) and zero after it. ``lengths_checked``: every length is known to lie in
+        [``frontend.frame_samples``, T] (checked on the host where the batch was built): then nothing is read back
+        to the host (no device sync)."""
         with torch.autocast(device_type=wav.device.type, enabled=False):
-            feats, feat_lengths = self.frontend(wav.float(), lengths)
+            feats, feat_lengths = self.frontend(wav.float(), lengths, lengths_checked)
+
         return self.encode_features(feats, feat_lengths)
 
 

@@ -139,17 +139,15 @@ class VoiceboxNAR(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "VoiceboxNAR":
-        """Load a directory written by `save_pretrained` / tools/import_nartts.py (strict)."""
-        from omegaconf import OmegaConf
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                        what: str = "NAR directory") -> "VoiceboxNAR":
+        """Load a directory written by `save_pretrained` / tools/import_nartts.py (strict; YAML config +
+        safetensors, no pickle; a bad file raises one error naming it)."""
+        from flexitrain.models.vocos import _load_export
+        from flexitrain.utils.safe_load import check_dir
 
-        from flexitrain.models.codec.checkpoint import check_state_dict
-
-        path = Path(path)
+        expects = f"a Voicebox checkpoint directory ({CONFIG_NAME} + {WEIGHTS_NAME})"
+        path = check_dir(path, what, expects)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a Voicebox checkpoint directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
-        model = cls(**OmegaConf.to_container(OmegaConf.load(path / CONFIG_NAME)))
-        state = check_state_dict(model, load_file(str(path / WEIGHTS_NAME), device=str(map_location)), ignore=())
-        model.load_state_dict(state, strict=True)
-        return model.eval()
+            raise FileNotFoundError(f"{path} is not {expects}")
+        return _load_export(cls, path, "VoiceboxNAR", what, map_location)

@@ -41,15 +41,20 @@ def infer_voicebox_config(state: Mapping[str, torch.Tensor], num_heads: int = 16
 
 
 def import_released_nartts(state_or_path: str | Path | Mapping[str, torch.Tensor], num_heads: int = 16,
-                           repa_layer_idx: int = 6) -> VoiceboxNAR:
-    """Build a `VoiceboxNAR` from a released-format state dict / ``.safetensors`` file, strictly."""
-    if isinstance(state_or_path, (str, Path)):
-        from safetensors.torch import load_file
+                           repa_layer_idx: int = 6, what: str = "NAR weights") -> VoiceboxNAR:
+    """Build a `VoiceboxNAR` from a released-format state dict / ``.safetensors`` file, strictly (no pickle; a bad
+    file raises one error naming it)."""
+    from flexitrain.models.codec.checkpoint import CheckpointMismatchError
+    from flexitrain.utils.safe_load import WrongCheckpointError, check_kind, guess_kind, read_safetensors
 
+    path = None
+    if isinstance(state_or_path, (str, Path)):
         path = Path(state_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (download nartts.safetensors yourself first)")
-        state = load_file(str(path))
+        if not path.exists():
+            raise FileNotFoundError(f"{what} {str(path)!r} does not exist (download nartts.safetensors yourself first)")
+        state = read_safetensors(path, what)
+        own = [k.removeprefix("module.") for k in state]
+        check_kind(path, guess_kind(k for k in own if not k.startswith(CODEC_PREFIXES)), "VoiceboxNAR", what)
     else:
         state = dict(state_or_path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -59,7 +64,17 @@ def import_released_nartts(state_or_path: str | Path | Mapping[str, torch.Tensor
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith(CODEC_PREFIXES)}
     for prefix, option in UNSUPPORTED.items():
         if any(k.startswith(prefix) for k in state):
-            raise ValueError(f"checkpoint uses the official `{option}` variant ({prefix}* keys): not supported")
-    model = VoiceboxNAR(**infer_voicebox_config(state, num_heads, repa_layer_idx))
-    model.load_state_dict(check_state_dict(model, state, ignore=()), strict=True)
+            raise ValueError(f"{path or 'checkpoint'}: uses the official `{option}` variant ({prefix}* keys): "
+                             f"not supported")
+    try:
+        config = infer_voicebox_config(state, num_heads, repa_layer_idx)
+    except ValueError as err:
+        if path is None:
+            raise
+        raise WrongCheckpointError(path, f"is {err}", what) from None
+    model = VoiceboxNAR(**config)
+    try:
+        model.load_state_dict(check_state_dict(model, state, ignore=()), strict=True)
+    except CheckpointMismatchError as err:
+        raise (err.with_path(path, what) if path is not None else err) from None
     return model.eval()
