@@ -79,9 +79,9 @@ def check_accelerator(cfg: DictConfig) -> None:
     accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto")).lower()
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         option = _trainer_option()
-        chosen = f"trainer={option} sets " if option else ""
+        chosen = f" (config option trainer={option})" if option else ""
         raise RuntimeError(
-            f"{chosen}trainer.accelerator={accelerator}, but no CUDA GPU is available here "
+            f"trainer.accelerator={accelerator}{chosen}, but no CUDA GPU is available here "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). The trainer=gpu and trainer=ddp "
             "options need GPUs; on CPU use trainer=cpu (one process), trainer=ddp_cpu (two gloo processes) or "
             "trainer=default (accelerator=auto).")

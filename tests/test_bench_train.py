@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(
-    r"^bench_train: (?P<rate>[\d.]+) (?P<unit>\S+) \| (?P<ms>[\d.]+) ms/step \| (?P<f>[\d.e+-]+) TFLOP/step "
+    r"^bench_train: (?P<rate>[\d.e+-]+) (?P<unit>\S+) \| (?P<ms>[\d.]+) ms/step \| (?P<f>[\d.e+-]+) TFLOP/step "
     r"\(useful (?P<u>[\d.e+-]+)\) \| MFU (?P<mfu>\S+) % of (?P<peak>\S+) TFLOP/s \| ops/step (?P<ops>\d+) \| "
     r"syncs/step (?P<syncs>\d+)$")
 # A codec small enough for a few CPU steps in seconds (as tests/codec_fixtures.py's micro model).

@@ -49,9 +49,13 @@ def _compare(backend: str, loss_rtol: float, grad_rtol: float):
     assert set(got) == set(want) and set(got_g) == set(want_g)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=loss_rtol, atol=0.0, msg=f"loss {k}")
+    # Gradients that vanish analytically (weight norm's v-gradient of a 1x1 conv with one input channel is
+    # exactly 0) are pure cancellation noise, of the order eps x the largest gradients that cancelled: each
+    # tensor is compared relative to its own largest entry, floored at grad_rtol x the largest gradient overall.
+    floor = grad_rtol * max(float(g.abs().max()) for g in want_g.values())
     for k in want_g:
-        scale = want_g[k].abs().max().clamp(min=1e-12)
-        assert (got_g[k] - want_g[k]).abs().max() / scale <= grad_rtol, f"gradient of {k}"
+        err = float((got_g[k] - want_g[k]).abs().max())
+        assert err <= grad_rtol * float(want_g[k].abs().max()) + floor, f"gradient of {k}: |Δ| {err:.3g}"
 
 
 def test_compiled_graphs_give_the_eager_losses_and_gradients():

@@ -200,3 +200,21 @@ def test_inference_fast_paths_match_plain_computation(monkeypatch):
         assert torch.equal(wav, wav_copy)
         assert torch.allclose(enc, m.dac.encoder(wav, lens), atol=1e-5)
         assert torch.equal(to_channels_last(lat).squeeze(2), lat)
+
+
+def test_folded_inference_weights_follow_fused_optimizer_steps():
+    # Fused AdamW updates parameters in place without bumping their version counters; the folded weight-norm
+    # cache used at inference must still see the new weights (cleared by the task's step hook / mode switch).
+    from flexitrain.models.codec.layers import WNConv1d, clear_folded_weights
+
+    conv = WNConv1d(4, 4, 3, padding=1)
+    opt = torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True)
+    opt.register_step_post_hook(lambda *_: clear_folded_weights(conv))
+    with torch.no_grad():
+        before = conv.weight.clone()
+    conv(torch.randn(1, 4, 8)).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = conv.weight
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, torch._weight_norm(conv.weight_v, conv.weight_g, 0), rtol=0, atol=0)

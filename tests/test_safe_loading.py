@@ -29,7 +29,8 @@ from codec_fixtures import MICRO_MODEL, MICRO_TASK
 from flexitrain.utils.safe_load import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")]
 
 
 # ------------------------------------------------------------------------------------------------ the payload
@@ -588,7 +589,8 @@ def test_import_tools_reject_bad_files(tool, kind, codec, vocos, evil, tmp_path)
     phrase = {"missing": "does not exist", "empty": "is empty (0 bytes)", "directory": "is a directory",
               "truncated": "truncated" if suffix == ".ckpt" else "cannot be read as safetensors",
               "malicious": "posix.system" if suffix == ".ckpt" else "looks like a pickle",
-              "wrong_model": "is a Vocos vocoder model" if tool != "import_vocos" else "is a FlexiCodec codec model"}[kind]
+              "wrong_model": ("is a Vocos vocoder model" if tool != "import_vocos" else
+                              "is a FlexiCodec codec model")}[kind]
     assert phrase in err, err
     assert not out.exists()
 
@@ -631,7 +633,7 @@ def test_every_task_writes_checkpoints_that_load_weights_only(codec, vocos, tts)
 
 
 def test_no_unsafe_load_remains_in_the_source():
-    """No ``weights_only=False`` in flexitrain/ and tools/, and every ``torch.load`` there passes
+    """No unsafe ``weights_only`` argument in flexitrain/ and tools/, and every ``torch.load`` there passes
     ``weights_only=True`` explicitly (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot flip an explicit argument)."""
     needle = "weights_only" + "=False"
     offenders = []

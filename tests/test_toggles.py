@@ -31,9 +31,8 @@ def in_tmp(tmp_path, monkeypatch, caplog) -> Path:
 
 def one_step_config(corpus: Path, *overrides: str):
     return compose(["recipe=codec_demo", *MICRO_MODEL, *MICRO_TASK, *data_overrides(corpus), "trainer.max_steps=1",
-                    "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "validate_first=false", "torch_threads=1",
-                    "ckpt_path=null",
-                    *overrides])
+                    "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "validate_first=false",
+                    "torch_threads=1", "ckpt_path=null", *overrides])
 
 
 def train_one_step(corpus: Path, *overrides: str) -> Path:
@@ -51,12 +50,14 @@ def metrics_steps(run_dir: Path) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss_g")]
 
 
-def test_the_readme_lists_only_trainer_options_that_exist():
-    readme = (config_dir().parent / "README.md").read_text()
-    options = {p.stem for p in (config_dir() / "trainer").glob("*.yaml")}
+def test_the_readme_names_the_trainer_options_tested_here():
     import re
 
+    readme = (config_dir().parent / "README.md").read_text()
+    options = {p.stem for p in (config_dir() / "trainer").glob("*.yaml")}
+    assert options == {"default", "cpu", "gpu", "ddp", "ddp_cpu"}  # each has a test below
     assert set(re.findall(r"trainer=(\w+)", readme)) <= options
+    assert all(f"`{option}`" in readme for option in options)
 
 
 def test_progress_bar_off(corpus, in_tmp, caplog):
@@ -131,7 +132,8 @@ def test_gpu_trainer_options_run_or_name_the_missing_gpu(corpus, in_tmp, option)
 
 def test_ddp_cpu_builds_a_two_process_gloo_trainer(corpus, in_tmp):
     # Running it starts two processes (train.py again per rank), which an in-process test cannot do; the two-step
-    # 2-process run through train.py is tests/test_codec_training_runs.py::test_two_process_ddp_keeps_replicas_identical.
+    # 2-process run through train.py is test_two_process_ddp_keeps_replicas_identical in
+    # tests/test_codec_training_runs.py (default suite).
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy
 

@@ -123,7 +123,6 @@ def test_skip_decision_is_agreed_across_ranks(monkeypatch):
     before = copy.deepcopy(task.state_dict())
     fit(task, tones(24000, 12000), 1)
     assert local == [0.0, 0.0]  # both local steps (D, then G) were finite
-
     assert int(task.skipped_steps) == 2
     assert all(torch.equal(v, task.state_dict()[k]) for k, v in before.items() if k != "skipped_steps")
 

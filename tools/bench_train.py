@@ -14,7 +14,7 @@ recipe's callbacks (progress bar, LR monitor, ...; checkpoint callbacks left out
 one synthetic batch of the structure the task's data module yields, at the recipe's per-GPU batch
 (`data.batch_seconds / crop`, or the AR token budget) unless `--batch/--seconds` are given.
 
-One run = `--warmup` steps, `--steps` timed steps, then three instrumented steps (on CPU: two):
+One run = `--warmup` steps, `--steps` timed steps, then the instrumented steps (FLOPs, syncs, CUDA sync debug):
   * time: from one `on_train_batch_start` to the next, i.e. the whole step with Lightning's optimiser
     plumbing, logging, progress bar and the next batch's transfer; on CUDA measured with CUDA events (no
     extra synchronisation), on CPU with the host clock. Median (and mean) over the timed steps.
@@ -25,8 +25,10 @@ One run = `--warmup` steps, `--steps` timed steps, then three instrumented steps
     D step). Backward FLOPs inside D during the generator backward are "G-side D"; the weight-gradient part
     of those (D's weight gradients from the generator loss, zeroed afterwards) is left out of "useful". With
     `--compile` the FLOP step runs eagerly (`torch.compiler.set_stance("force_eager")`): same math.
-  * ops and syncs: one steady-state step under `flexitrain.utils.dispatch_count.SyncCounter` (dispatched
-    aten ops; host syncs with their flexitrain/ source lines; on CPU every op that would sync on a GPU).
+  * ops and syncs: one steady-state step (not one that writes to the loggers) under
+    `flexitrain.utils.dispatch_count.SyncCounter`: dispatched aten ops; host syncs with their flexitrain/ source
+    lines (on CPU every op that would sync on a GPU). `--count-log-step` also counts the next step that writes
+    to the loggers (Lightning's `.item()` of every logged value; runs up to log_every_n_steps more steps).
   * CUDA only: one step under `torch.cuda.set_sync_debug_mode("warn")` (no Python modes: compiled code runs
     as in training), counting synchronizing CUDA calls.
 
@@ -43,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -103,6 +104,9 @@ def _parse(argv):
                     help="recipe: the recipe's loggers (CSV + TensorBoard by default) into a temp dir")
     ap.add_argument("--callbacks", choices=("recipe", "none"), default="recipe",
                     help="recipe: the recipe's callbacks minus checkpointing (progress bar, LR monitor, ...)")
+    ap.add_argument("--count-log-step", action="store_true",
+                    help="also count ops/syncs on a step that writes to the loggers (runs up to "
+                         "log_every_n_steps more steps)")
     ap.add_argument("--text-rate", type=float, default=4.2, help="ar_tts: text tokens per audio second")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="also print the top dispatched ops")
@@ -524,14 +528,24 @@ def extra_flop_formulas() -> dict:
 class BenchCallback(L.Callback):
     """Marks each step's start; opens/closes the instrumented windows (see the module docstring)."""
 
-    def __init__(self, kind: str, device: torch.device, warmup: int, steps: int, compile_on: bool):
+    def __init__(self, kind: str, device: torch.device, warmup: int, steps: int, compile_on: bool,
+                 log_every_n: int = 50, count_log_step: bool = False):
         self.kind, self.device = kind, device
         self.cuda = device.type == "cuda"
         self.timed = range(warmup, warmup + steps)
         self.flop_step = warmup + steps
         self.sync_step = self.flop_step + 1
+        if (self.sync_step + 1) % max(1, log_every_n) == 0:  # a steady-state step: not one that writes logs
+            self.sync_step += 1
         self.cuda_step = self.sync_step + 1 if self.cuda else None
-        self.total = (self.cuda_step or self.sync_step) + 1
+        last = self.cuda_step or self.sync_step
+        # --count-log-step: also count the first later step on which Lightning writes to the loggers
+        self.log_step = None
+        if count_log_step:
+            self.log_step = next(i for i in range(last + 1, last + 2 + log_every_n) if (i + 1) % log_every_n == 0)
+            last = self.log_step
+        self.total = last + 1
+        self.log_counter = None
         self.compile_on = compile_on
         self.host_marks: dict[int, float] = {}
         self.events: dict[int, Any] = {}
@@ -540,7 +554,6 @@ class BenchCallback(L.Callback):
         self.sync_counter = None
         self.cuda_debug = None
         self.logging_steps: dict[str, bool] = {}
-        self.step_counts: dict[int, int] = {}
 
     # the window of step i ends where step i+1 starts (or at the epoch's end for the last one)
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -560,11 +573,18 @@ class BenchCallback(L.Callback):
             self.sync_counter = SyncCounter(cpu_as_device=not self.cuda)
             self.sync_counter.__enter__()
             self._close = lambda: self.sync_counter.__exit__(None, None, None)
+        elif batch_idx == self.log_step:
+            self._note_logging(trainer, "log_step")
+            from flexitrain.utils.dispatch_count import SyncCounter
+
+            self.log_counter = SyncCounter(cpu_as_device=not self.cuda)
+            self.log_counter.__enter__()
+            self._close = lambda: self.log_counter.__exit__(None, None, None)
         elif batch_idx == self.cuda_step:
             from flexitrain.utils.dispatch_count import CudaSyncDebug
 
             self.cuda_debug = CudaSyncDebug().__enter__()
-            self._close = lambda: (torch.cuda.synchronize(), self.cuda_debug.__exit__(None, None, None))
+            self._close = lambda: self.cuda_debug.__exit__(None, None, None)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._finish()
@@ -669,7 +689,9 @@ def _sites(sc) -> dict:
     for e in sc.events:
         site = f"{e.kind} at {e.location}"
         if not e.location.startswith("flexitrain/") and len(e.stack) > 1:
-            site += " <- " + " <- ".join(e.stack[1:3])
+            callers = [f for f in e.stack[1:] if "/utilities/" not in f and "lightning_utilities/" not in f][:2]
+            if callers:
+                site += " <- " + " <- ".join(callers)
         out[site] += 1
     return dict(out)
 
@@ -710,7 +732,8 @@ def main(argv=None) -> dict:
     compile_on = bool(compile_val) and compile_val != {"enabled": False}
     loggers = _loggers(cfg, args.logger)
     callbacks, cb_names = _callbacks(cfg, args.callbacks, bool(loggers))
-    bench = BenchCallback(kind, device, args.warmup, args.steps, compile_on)
+    log_every = int(cfg.trainer.get("log_every_n_steps") or 50)
+    bench = BenchCallback(kind, device, args.warmup, args.steps, compile_on, log_every, args.count_log_step)
     tkw = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "_target_"}
     tkw.update(accelerator="gpu" if device.type == "cuda" else "cpu",
                devices=[device.index or 0] if device.type == "cuda" else 1, num_nodes=1, strategy="auto",
@@ -779,6 +802,10 @@ def main(argv=None) -> dict:
         "sync_events": [{"kind": e.kind, "location": e.location, "stack": list(e.stack)} for e in sc.events]
         if sc is not None else [],
         "sync_step_logged": bench.logging_steps.get("sync_step"), "sync_step": bench.sync_step,
+        "log_step": bench.log_step, "log_step_logged": bench.logging_steps.get("log_step"),
+        "log_step_ops": bench.log_counter.ops if bench.log_counter is not None else None,
+        "log_step_syncs": bench.log_counter.syncs if bench.log_counter is not None else None,
+        "log_step_sync_sites": _sites(bench.log_counter) if bench.log_counter is not None else None,
         "cuda_sync_warnings": bench.cuda_debug.count if bench.cuda_debug is not None else None,
         "cuda_sync_sites": dict(Counter(bench.cuda_debug.warnings)) if bench.cuda_debug is not None else None,
         "params": modules, "wall_s": wall, "global_step": int(trainer.global_step),
@@ -800,7 +827,8 @@ def final_line(r: dict) -> str:
     peak = f"{r['peak_tflops']:g}" if r["peak_tflops"] else "n/a"
     ops = r["ops_per_step"] if r["ops_per_step"] is not None else "n/a"
     syncs = r["syncs_per_step"] if r["syncs_per_step"] is not None else "n/a"
-    return (f"bench_train: {r['rate']:.1f} {r['unit']} | {r['step_ms']['median']:.1f} ms/step | "
+    rate = f"{r['rate']:.1f}" if r["rate"] >= 100 else f"{r['rate']:.4g}"
+    return (f"bench_train: {rate} {r['unit']} | {r['step_ms']['median']:.1f} ms/step | "
             f"{_fmt_tflop(tf)} TFLOP/step (useful {_fmt_tflop(tu)}) | MFU {mfu} % of {peak} TFLOP/s | "
             f"ops/step {ops} | syncs/step {syncs}")
 
@@ -849,6 +877,12 @@ def _print(r: dict, sc, verbose: bool) -> None:
             p(f"    {n:4d} x {site}")
         if verbose:
             p("    top ops: " + ", ".join(f"{k} {v}" for k, v in sc.op_counts.most_common(25)))
+    if r.get("log_step") is not None:
+        p(f"  dispatch counter, step #{r['log_step']} (a logging step: "
+          f"{'yes' if r['log_step_logged'] else 'not confirmed'}): {r['log_step_ops']} aten ops, "
+          f"{r['log_step_syncs']} host syncs")
+        for site, n in sorted((r["log_step_sync_sites"] or {}).items(), key=lambda kv: (-kv[1], kv[0])):
+            p(f"    {n:4d} x {site}")
     if r["cuda_sync_warnings"] is not None:
         p(f"  torch.cuda.set_sync_debug_mode('warn'), step #{r['sync_step'] + 1}: {r['cuda_sync_warnings']} "
           "synchronizing CUDA calls")

@@ -109,8 +109,21 @@ def _fbank_frames(frames: torch.Tensor, window_type: str, dither: float, preemph
     z *= kaldi_window(window_type, size, frames.device, frames.dtype)
     spec = torch.fft.rfft(buf)
     power = torch.addcmul(spec.real * spec.real, spec.imag, spec.imag)  # |X|^2
-    banks = kaldi_mel_banks(num_mel_bins, n_fft, sample_rate, low_freq, high_freq) * energy_scale  # exact for 2^k
-    return (power @ banks.T.to(frames.device, frames.dtype)).clamp_(min=_EPS).log_()
+    if frames.device.type == "cpu":
+        banks = kaldi_mel_banks(num_mel_bins, n_fft, sample_rate, low_freq, high_freq) * energy_scale  # exact for 2^k
+        banks_t = banks.T.to(frames.dtype)
+    else:  # a copy of the filters from host memory every call would block the host: one copy per device
+        banks_t = _mel_banks_t_on(num_mel_bins, n_fft, sample_rate, low_freq, high_freq, energy_scale, frames.device,
+                                  frames.dtype)
+    return (power @ banks_t).clamp_(min=_EPS).log_()
+
+
+@lru_cache(maxsize=16)
+def _mel_banks_t_on(num_bins: int, n_fft: int, sample_rate: float, low_freq: float, high_freq: float,
+                    energy_scale: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(kaldi_mel_banks(...) * energy_scale).T`` on an accelerator, copied there once."""
+    banks = kaldi_mel_banks(num_bins, n_fft, sample_rate, low_freq, high_freq) * energy_scale
+    return banks.T.to(device, dtype)
 
 
 def kaldi_fbank(
@@ -193,7 +206,6 @@ def kaldi_fbank(
         out = wav.new_zeros(batch, max_frames, num_mel_bins)
 
     short = [] if lengths_list is None else [i for i, m in enumerate(lengths_list) if m < size]
-
     if short and not shrink_short:
         raise ValueError(f"items {short} are shorter than one frame ({size} samples)")
     for i in short:  # rare: clips shorter than one frame get one frame with their own n_fft

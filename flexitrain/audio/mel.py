@@ -189,7 +189,6 @@ class MelSpectrogram(nn.Module):
         with torch.autocast(audio.device.type, enabled=False):  # keep the projection in fp32
             mag = stft_magnitude(audio, self.n_fft, self.hop_length, self.window.float(), lengths, self.power,
                                  check_lengths)
-
             mel = torch.matmul(self.mel_fb.float(), mag)
         if self.log:
             mel = mel.clamp(min=self.clamp_eps).log10()

@@ -93,7 +93,7 @@ def validate_resume_checkpoint(path: str | os.PathLike, task=None, what: str = "
     ``task``, it is that task's checkpoint with exactly its keys and sizes. Nothing is loaded into the task."""
     from flexitrain.tasks.checkpointing import check_task_checkpoint, read_checkpoint
 
-    ckpt = read_checkpoint(path, what, mmap=True, require=("state_dict", "global_step", "loops"))
+    ckpt = read_checkpoint(path, what, mmap=True, require=("state_dict", "global_step"))
     if "optimizer_states" not in ckpt:
         from flexitrain.utils.safe_load import CheckpointError
 

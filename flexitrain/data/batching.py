@@ -18,6 +18,7 @@ class Item(NamedTuple):
     key: str
     meta: dict
     offset: float  # crop start in seconds within the source utterance
+    semantic: np.ndarray | None = None  # float32 [T, D] pre-extracted teacher frames of the crop (or None)
 
 
 def _text(meta: dict, name: str) -> str:
@@ -114,6 +115,13 @@ def collate(items: list[Item], shared: bool | None = None, pool: SlotPool | None
         "speakers": [_text(it.meta, "speaker") for it in items],
         "languages": [_text(it.meta, "language") for it in items],
     }
+    if items[0].semantic is not None:  # pre-extracted teacher features: [B, D, T] zero-padded + lengths
+        sem_lengths = [it.semantic.shape[0] for it in items]
+        sem = np.zeros((b, items[0].semantic.shape[1], max(sem_lengths)), dtype=np.float32)
+        for i, it in enumerate(items):
+            sem[i, :, : sem_lengths[i]] = it.semantic.T
+        batch["semantic"] = torch.from_numpy(sem)
+        batch["semantic_lengths"] = torch.tensor(sem_lengths, dtype=torch.int64)
     if slot is not None:
         batch["_slot"] = [torch.utils.data.get_worker_info().id, slot[0], b, t]
     return batch

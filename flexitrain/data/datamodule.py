@@ -15,6 +15,8 @@ transcripts even when the audio is a crop.
 
 Training: random crops of train_crop_seconds (None: whole utterances up to max_duration),
 seeded by seed/epoch/rank/worker; length-bucketed dynamic batches built in the workers.
+With `teacher_features` (a directory written by tools/extract_teacher_features.py) crops start on the
+teacher's frame grid and batches also carry "semantic" [B, D, T] and "semantic_lengths" [B].
 With `epoch_samples`, shards are drawn with replacement (resampled stream); without it the
 index.json gives the epoch size and shards are dealt to ranks x workers and cycled (with
 fewer shards than ranks x workers each worker reads all shards and keeps every n-th sample).
@@ -36,6 +38,7 @@ max_duration ("crop"); all-silent means peak |x| <= silence_threshold (of the cr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -75,6 +78,7 @@ class AudioDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        teacher_features: str | None = None,
     ):
         super().__init__()
         if long_clip_policy not in ("skip", "crop"):
@@ -95,6 +99,17 @@ class AudioDataModule(pl.LightningDataModule):
         self.train_decode = DecodeConfig(crop_samples=crop(train_crop_seconds), random_crop=True, **common)
         self.eval_decode = DecodeConfig(crop_samples=crop(eval_crop_seconds), random_crop=False, **common)
         self.datasets: dict[str, object] = {}
+        # Pre-extracted teacher features for the training shards (tools/extract_teacher_features.py): crops are then
+        # aligned to their frame grid and batches carry them; validation/test run the teacher (whole utterances: the
+        # same features). The task checks `teacher_features_index["teacher"]` against its own teacher.
+        self.teacher_features = teacher_features
+        self.teacher_features_index = None
+        if teacher_features is not None:
+            from .teacher_features import read_index
+
+            self.teacher_features_index = read_index(teacher_features)
+            self.train_decode = dataclasses.replace(self.train_decode,
+                                                    crop_align=int(self.teacher_features_index["hop_samples"]))
         # Our datasets' __len__ is exact per rank (fixed batches per worker / planned eval batches).
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
@@ -127,6 +142,12 @@ class AudioDataModule(pl.LightningDataModule):
 
     def _train_dataset(self, urls: list[str], rank: int, world: int) -> TrainAudioDataset:
         index = load_index(urls)
+        features = None
+        if self.teacher_features is not None:
+            from .teacher_features import SidecarReader, check_covers
+
+            check_covers(self.teacher_features_index, self.teacher_features, urls)
+            features = SidecarReader(self.teacher_features, self.teacher_features_index["hop_samples"])
         workers = max(1, self.num_workers)
         total = self.epoch_samples or (index["num_samples"] if index else None)
         per_worker = None
@@ -142,7 +163,7 @@ class AudioDataModule(pl.LightningDataModule):
         return TrainAudioDataset(
             urls, self.train_decode, self.batching, rank=rank, world_size=world, num_workers=self.num_workers,
             resampled=self.epoch_samples is not None, shuffle_shards=self.shuffle_shards,
-            shuffle_buffer=self.shuffle_buffer, batches_per_worker=per_worker, seed=self.seed)
+            shuffle_buffer=self.shuffle_buffer, batches_per_worker=per_worker, seed=self.seed, features=features)
 
     def _eval_dataset(self, urls: list[str], rank: int, world: int) -> EvalAudioDataset:
         return EvalAudioDataset(urls, self.eval_decode, self.batching, rank=rank, world_size=world,

@@ -62,6 +62,7 @@ class DecodeConfig:
     long_clip_policy: str = "skip"  # or "crop": keep the first/random max_duration seconds
     min_duration: float = 0.1
     silence_threshold: float = 1e-4  # peak |x| at or below this is "all silent"
+    crop_align: int = 1  # random crops start at multiples of this (samples at sample_rate): a teacher frame grid
 
 
 def parse_meta(raw: bytes | None, stats: DataStats) -> dict:
@@ -109,7 +110,8 @@ def decode_audio(data: bytes, cfg: DecodeConfig, stats: DataStats, rng: np.rando
             need = min(limit, math.ceil(cfg.crop_samples * sr / cfg.sample_rate) + (sr != cfg.sample_rate))
         offset = 0
         if need < limit and cfg.random_crop and rng is not None:
-            offset = int(rng.integers(0, limit - need + 1))
+            align = max(1, round(cfg.crop_align * sr / cfg.sample_rate))  # 1: any start (the same draws as before)
+            offset = int(rng.integers(0, (limit - need) // align + 1)) * align
         try:
             if offset:
                 f.seek(offset)

@@ -37,6 +37,7 @@ from webdataset.gopen import gopen
 from .batching import BucketBatcher, Item, SlotPool, collate, finalize_batch, plan_batches
 from .decode import AUDIO_KEYS, DecodeConfig, decode_audio, parse_meta
 from .stats import DataStats, NullStats
+from .teacher_features import SidecarReader, crop_features
 
 log = logging.getLogger(__name__)
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, ... (not C:\ style paths on Linux)
@@ -243,7 +244,11 @@ def decode_sample(sample: dict, cfg: DecodeConfig, stats: DataStats, rng) -> Ite
     out = decode_audio(data, cfg, stats, rng)
     if out is None:
         return None
-    return Item(out[0], sample["__key__"], meta, out[1])
+    semantic = sample.get("__semantic__")
+    if semantic is not None:  # pre-extracted teacher frames of the whole utterance: keep the crop's
+        hop = cfg.crop_align
+        semantic = crop_features(semantic, round(out[1] * cfg.sample_rate / hop) * hop, out[0].shape[0], hop)
+    return Item(out[0], sample["__key__"], meta, out[1], semantic)
 
 
 def _worker() -> tuple[int, int]:
@@ -365,6 +370,7 @@ class TrainAudioDataset(IterableDataset):
         shuffle_buffer: int = 1000,
         batches_per_worker: int | None = None,
         seed: int = 0,
+        features: SidecarReader | None = None,
     ):
         if not urls:
             raise ValueError("TrainAudioDataset needs at least one shard")
@@ -376,6 +382,7 @@ class TrainAudioDataset(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.resampled, self.shuffle_shards, self.shuffle_buffer = resampled, shuffle_shards, shuffle_buffer
         self.batches_per_worker, self.seed = batches_per_worker, seed
+        self.features = features  # pre-extracted teacher features: attached to each sample of a shard
         self.epoch = 0
         self.stats = DataStats(num_workers)
         self.pool: SlotPool | None = None  # set by AudioLoader
@@ -391,6 +398,10 @@ class TrainAudioDataset(IterableDataset):
             raise TypeError("a single-pass training stream has no known length")
         return self.batches_per_worker * max(1, self.num_workers)
 
+    def _read(self, url: str) -> Iterator[dict]:
+        samples = iter_shard(url, self.stats)
+        return samples if self.features is None else self.features.attach(url, samples)
+
     def _samples(self, wid: int, nw: int, rng: np.random.Generator) -> Iterator[dict]:
         """Raw samples for this worker; endless unless this is a single-pass epoch."""
         total, gid = self.world_size * nw, self.rank * nw + wid
@@ -399,7 +410,7 @@ class TrainAudioDataset(IterableDataset):
         if self.resampled:
             while True:
                 got = False
-                for sample in iter_shard(self.urls[int(rng.integers(n))], self.stats):
+                for sample in self._read(self.urls[int(rng.integers(n))]):
                     got = True
                     yield sample
                 barren = 0 if got else barren + 1
@@ -415,7 +426,7 @@ class TrainAudioDataset(IterableDataset):
                 (rng if split_by_shard else shared).shuffle(order)
             got, index = False, 0
             for url in order:
-                for sample in iter_shard(url, self.stats):
+                for sample in self._read(url):
                     index += 1
                     if split_by_shard or (index - 1) % total == gid:
                         got = True

@@ -47,7 +47,7 @@ def load_codec(ckpt: str | Path, teacher_cfg: dict | None = None, device: str = 
         from flexitrain.tasks.codec import CodecTask
 
         overrides = {"teacher": teacher_cfg} if teacher_cfg else {}
-        task = load_task(CodecTask, path, "codec checkpoint", **overrides)
+        task = load_task(CodecTask, path, "codec checkpoint", use_ema=True, **overrides)  # EMA weights if any
         generator, teacher = task.generator, task._teacher[0]
     return generator.eval().to(device), teacher.eval().to(device)
 

@@ -78,7 +78,6 @@ class MultiScaleMelLoss(nn.Module):
         loss = both.new_zeros(())
         for mel in self.mels:
             spec = mel(both, both_lengths, check_lengths=False)  # [2B, n_mels, frames]; lengths checked in forward
-
             mask = None
             if both_lengths is not None:
                 mask = frame_mask(both_lengths[:batch], mel.hop_length, spec.shape[-1])

@@ -16,7 +16,8 @@ import torch
 
 from flexitrain.models.tts.ar_tts import ARTTSModel
 from flexitrain.tasks.ar_tts_data import codec_targets, threshold_key
-from flexitrain.tasks.schedules import warmup_cosine
+from flexitrain.tasks.schedules import lr_lambda
+from flexitrain.tasks.training_state import TrainingStateMixin
 
 
 def _plain(cfg):
@@ -25,16 +26,18 @@ def _plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
 
 
-class ARTTSTask(L.LightningModule):
+class ARTTSTask(TrainingStateMixin, L.LightningModule):
     def __init__(self, model: dict, targets: dict | None = None, optimizer: dict | None = None,
                  scheduler: dict | None = None, grad_clip: float | None = 1.0, seed: int = 0,
-                 codec=None, teacher=None):
+                 codec=None, teacher=None, ema: dict | None = None):
         """model: ARTTSModel arguments. targets: {source: shards|codec, thresholds: [...], codec_ckpt |
         codec_model (+ codec_seed), teacher, cache (source=codec: keep each utterance's targets in memory)}.
-        codec/teacher: already built frozen objects (tests, notebooks) instead of codec_ckpt."""
+        codec/teacher: already built frozen objects (tests, notebooks) instead of codec_ckpt.
+        ema: {decay, start_step, every} (flexitrain.tasks.ema) or None."""
         super().__init__()
         # Plain containers in the hyper-parameters (not Hydra's DictConfig): checkpoints load with weights_only=True.
         model, targets, optimizer, scheduler = (_plain(model), _plain(targets), _plain(optimizer), _plain(scheduler))
+        ema = _plain(ema)
         self.save_hyperparameters(ignore=["codec", "teacher"])
         model = {k: v for k, v in dict(model).items() if not k.startswith("_")}
         self.model = ARTTSModel(**model)
@@ -55,6 +58,7 @@ class ARTTSTask(L.LightningModule):
         self.optim_cfg = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.01, **(optimizer or {})}
         self.sched_cfg = {"warmup_steps": 1000, "total_steps": 100_000, "min_lr_ratio": 0.1, **(scheduler or {})}
         self.grad_clip, self.seed = grad_clip, seed
+        self._init_training_state(ema, "model")  # EMA of the AR model (task.ema), RNG states (per rank)
         self._frozen = [codec, teacher]  # a list: not registered as submodules
         self.cache_targets = bool(t.get("cache", False)) and self.source == "codec"
         self._target_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -159,8 +163,7 @@ class ARTTSTask(L.LightningModule):
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": oc["weight_decay"]},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=oc["lr"], betas=tuple(oc["betas"]))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"]))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sc))  # task.scheduler.name (default cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -169,9 +172,22 @@ class ARTTSTask(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._save_training_state(checkpoint)  # per-rank CPU + CUDA RNG states, the EMA
         from flexitrain.tasks.checkpointing import save_hook
 
         save_hook(self, checkpoint)  # plain containers and tensors only: loads with weights_only=True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._load_training_state(checkpoint)
+
+    def export_model(self, path: str) -> None:
+        """An inference directory (config.json + model.safetensors) that `flexitrain-tts --ar` and
+        `ar_checkpoint.load_pretrained` read; the EMA weights when task.ema is on."""
+        from flexitrain.models.tts.ar_checkpoint import save_pretrained
+
+        config = {k: v for k, v in dict(self.hparams["model"]).items() if not str(k).startswith("_")}
+        with self.ema_weights():
+            save_pretrained(self.model, path, config)
 
     def init_from(self, path: str) -> None:
         """Strict initialisation from a released artts.safetensors or an ARTTSTask checkpoint."""

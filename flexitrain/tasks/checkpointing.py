@@ -4,6 +4,11 @@ Every Lightning checkpoint is read with ``torch.load(weights_only=True)`` (`flex
 file raises one `CheckpointError` naming the file and what is wrong (empty, truncated, a directory, a pickle that
 references code, another task's checkpoint, missing / unexpected keys or wrong sizes: a handful of each plus a
 count) before any weights or training state are touched.
+
+Besides Lightning's entries, a task checkpoint holds plain top-level entries of its own: ``flexitrain_task``,
+``flexitrain`` (data position, task RNGs), ``rng_states`` (per-rank CPU / CUDA RNG states) and, with
+``task.ema``, ``ema`` (`flexitrain.tasks.ema`: its weights are checked against the task like the state_dict's,
+`ema_problems`). Inference loaders (`load_task(..., use_ema=True)`) use the EMA weights when present.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from flexitrain.utils.safe_load import (MAX_LISTED, CheckpointError, WrongCheckp
                                         safe_torch_load)
 
 __all__ = ["read_checkpoint", "read_state_dict", "describe_mismatch", "load_weights_strict", "load_task",
-           "check_task_checkpoint", "save_hook", "CheckpointError"]
+           "check_task_checkpoint", "ema_problems", "save_hook", "CheckpointError"]
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint", mmap: bool = False,
@@ -124,18 +129,31 @@ def _optional_keys(task: nn.Module) -> tuple[str, ...]:
     return ("skipped_steps",) if "skipped_steps" in dict(task.named_buffers()) else ()
 
 
+def ema_problems(task: nn.Module, ckpt: dict) -> list[str]:
+    """Problems of the checkpoint's EMA entry (top-level ``"ema"``, `flexitrain.tasks.ema`) against ``task``'s
+    EMA, as `describe_mismatch` lines (``missing: ema.<name>`` ...). None to check when either side has no EMA: a
+    checkpoint without one resumes with a fresh average, one with it into a task without EMA ignores it."""
+    ema = getattr(task, "ema", None)
+    state = ckpt.get("ema")
+    if ema is None or state is None:
+        return []
+    return ema.check_state(state)
+
+
 def check_task_checkpoint(task: nn.Module, ckpt: dict, path: str | Path, what: str = "checkpoint") -> None:
-    """The checkpoint belongs to ``task``'s class and its weights fit ``task`` exactly (nothing is loaded)."""
+    """The checkpoint belongs to ``task``'s class and its weights (and EMA weights) fit ``task`` exactly (nothing
+    is loaded)."""
     check_kind(path, checkpoint_task(ckpt), type(task).__name__, what)
-    problems = describe_mismatch(task, ckpt["state_dict"], optional=_optional_keys(task))
+    problems = describe_mismatch(task, ckpt["state_dict"], optional=_optional_keys(task)) + ema_problems(task, ckpt)
     if problems:
         raise mismatch_error(path, problems, f"{type(task).__name__} of this configuration", what)
 
 
-def load_task(cls, path: str | Path, what: str = "checkpoint", **overrides):
+def load_task(cls, path: str | Path, what: str = "checkpoint", use_ema: bool = False, **overrides):
     """A task rebuilt from its Lightning checkpoint (constructor arguments from ``hyper_parameters``, updated by
     ``overrides``) and loaded strictly, on CPU. Replaces ``cls.load_from_checkpoint``: weights-only, one clear
-    error per bad file, the task and the keys checked before anything is loaded."""
+    error per bad file, the task and the keys checked before anything is loaded. ``use_ema`` (inference): when
+    the checkpoint holds EMA weights (``task.ema``), the model gets those instead of the live ones."""
     ckpt = read_checkpoint(path, what)
     check_kind(path, checkpoint_task(ckpt), cls.__name__, what)
     hparams = ckpt.get("hyper_parameters")
@@ -149,11 +167,16 @@ def load_task(cls, path: str | Path, what: str = "checkpoint", **overrides):
         task = cls(**kwargs)
     except TypeError as err:
         raise CheckpointError(path, f"its hyper_parameters do not build a {cls.__name__}: {err}", what) from None
+    problems = ema_problems(task, ckpt)  # before on_load_checkpoint reads the EMA entry
+    if problems:
+        raise mismatch_error(path, problems, f"{cls.__name__} its hyper_parameters build", what)
     task.on_load_checkpoint(ckpt)  # as Lightning's load_from_checkpoint (e.g. fills a missing skip counter)
     problems = describe_mismatch(task, ckpt["state_dict"])
     if problems:
         raise mismatch_error(path, problems, f"{cls.__name__} its hyper_parameters build", what)
     task.load_state_dict(ckpt["state_dict"], strict=True)
+    if use_ema and ckpt.get("ema") is not None and hasattr(task, "use_ema_weights"):
+        task.use_ema_weights()
     return task
 
 

@@ -6,7 +6,6 @@ One training step (manual optimisation, as the official trainer):
 `trainer.global_step` counts generator steps only (a skipped non-finite one too, see tasks/guards.py): the
 discriminator steps its raw optimiser. The step reads nothing back to the host (no device sync; enforced on CPU by
 tests/test_codec_step_syncs.py): batch lengths are checked on the host in `on_before_batch_transfer`.
-
 """
 from __future__ import annotations
 
@@ -25,13 +24,15 @@ from flexitrain.losses import build_repa_mlp, si_sdr
 from flexitrain.losses.masking import lengths_to_mask, masked_mse
 from flexitrain.losses.mel import MultiScaleMelLoss
 from flexitrain.losses.weights import combine_losses, resolve_loss_weights
+from flexitrain.models.codec.layers import clear_folded_weights
 from flexitrain.models.discriminators import CodecDiscriminator
 from flexitrain.tasks.checkpointing import load_weights_strict
 from flexitrain.tasks.compiling import codec_compile_targets, compile_modules, compile_options
 from flexitrain.tasks.freezing import frozen
 from flexitrain.tasks.guards import NonFiniteStepGuard
-from flexitrain.tasks.schedules import warmup_cosine
-from flexitrain.tasks.teacher import build_teacher
+from flexitrain.tasks.schedules import lr_lambda
+from flexitrain.tasks.training_state import TrainingStateMixin
+from flexitrain.tasks.teacher import build_teacher, check_feature_cache, teacher_min_samples
 
 
 def _plain(cfg: Any) -> Any:
@@ -39,15 +40,18 @@ def _plain(cfg: Any) -> Any:
 
 
 def build_repa_mlp_for(generator: nn.Module) -> nn.Module:
-    """Linear(latent → 3·512) – GELU – Linear(→ 512): maps the bottleneck output onto teacher features."""
-    mlp = build_repa_mlp(dim=512, hidden=1536)
+    """Linear(latent → 3·512) – GELU – Linear(→ ssl_dim): maps the bottleneck output onto teacher features."""
+    dim = int(getattr(generator, "ssl_dim", 512))  # the teacher's width (512 for SenseVoice)
+    mlp = build_repa_mlp(dim=dim, hidden=1536)
     latent = generator.latent_dim
-    if latent != 512:
+    if latent != dim:
         mlp[0] = nn.Linear(latent, 1536)
     return mlp
 
 
-class CodecTask(NonFiniteStepGuard, L.LightningModule):
+class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
+    _rng_attrs = ("_rng",)  # per-rank τ and bypass draws: checkpointed per rank (TrainingStateMixin)
+
     def __init__(
         self,
         model: dict,
@@ -66,13 +70,14 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         use_repa: bool = True,
         validation: dict | None = None,
         compile: bool | dict = False,
+        ema: dict | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
         # Plain containers in the hyper-parameters: checkpoints then load with torch.load(weights_only=True).
         model, teacher, discriminator, mel_loss = _plain(model), _plain(teacher), _plain(discriminator), _plain(mel_loss)
         loss_weights, optimizer, scheduler = _plain(loss_weights), _plain(optimizer), _plain(scheduler)
-        threshold, validation = _plain(threshold), _plain(validation)
+        threshold, validation, ema = _plain(threshold), _plain(validation), _plain(ema)
         self.save_hyperparameters()
         self.generator = instantiate(model)
         self.discriminator = CodecDiscriminator(**(_plain(discriminator) or {}))
@@ -99,6 +104,7 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         self.compile_cfg = compile_options(_plain(compile))
         self._rng = random.Random(0)  # reseeded per rank in setup(): τ and bypass draws differ across ranks
         self._init_step_guard()  # skipped_steps counter (a buffer: survives resume)
+        self._init_training_state(ema, "generator")  # EMA of the generator (task.ema), RNG states (per rank)
         self._micro = 0
         self._epoch_batches = 0      # training batches consumed in the current epoch (checkpointed)
         self._resume_skip = 0        # batches the data loader skips after a mid-epoch resume
@@ -109,11 +115,14 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
     @property
     def teacher(self) -> nn.Module:
         t = self._teacher[0]
-        if next(t.parameters()).device != self.device:
+        p = next(t.parameters(), None)  # a host-side teacher (whisper_ct2) has none: it moves its outputs itself
+        if p is not None and p.device != self.device:
             t.to(self.device)
         return t
 
     def setup(self, stage: str) -> None:
+        # Pre-extracted teacher features (data.teacher_features) must come from this task's teacher and settings.
+        check_feature_cache(getattr(getattr(self, "_trainer", None), "datamodule", None), self.hparams.teacher)
         seed = int(torch.initial_seed()) % (2**31)
         self._rng = random.Random(seed * 1000 + self.global_rank)
         if self.compile_cfg["enabled"]:
@@ -142,8 +151,11 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
                                   fused=True)
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=oc["lr_d"], betas=tuple(oc["betas"]),
                                   weight_decay=oc["weight_decay"], fused=True)
+        # Fused steps update in place without bumping version counters: drop the generator's folded
+        # inference weights after each step, or a later validation decodes with stale weights.
+        opt_g.register_step_post_hook(lambda *_: clear_folded_weights(self.generator))
         sc = self.sched_cfg
-        lam = warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"])
+        lam = lr_lambda(sc)  # task.scheduler.name: cosine (default), constant, linear, exponential, ...
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lam)
         sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lam if sc["schedule_d"] else (lambda _: 1.0))
         return [opt_g, opt_d], [sched_g, sched_d]
@@ -164,7 +176,10 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
 
     def generator_losses(self, batch: dict, threshold: float, bypass: bool) -> tuple[dict, Any, Tensor, Tensor]:
         audio, lengths = batch["audio"], batch["lengths"]
-        semantic, semantic_lengths = self.teacher_features(audio, lengths)
+        if "semantic" in batch:  # pre-extracted teacher features (data.teacher_features): the teacher does not run
+            semantic, semantic_lengths = batch["semantic"], batch["semantic_lengths"]
+        else:
+            semantic, semantic_lengths = self.teacher_features(audio, lengths)
         out = self.generator(audio, lengths, semantic_features=semantic, semantic_lengths=semantic_lengths,
                              threshold=threshold, bypass_quantize=bypass)
         fake = out.audio[..., : audio.shape[-1]]
@@ -212,7 +227,7 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         n = audio.shape[-1]
         if lengths.dim() != 1 or lengths.shape[0] != audio.shape[0]:
             raise ValueError(f"batch['lengths'] must have shape [{audio.shape[0]}], got {tuple(lengths.shape)}")
-        lo = self._teacher[0].frontend.frame_samples
+        lo = teacher_min_samples(self._teacher[0])
         if lengths.numel() and (int(lengths.min()) < lo or int(lengths.max()) > n):  # host memory: no device sync
             raise ValueError(f"batch lengths must lie in [{lo}, {n}] samples (one 25-ms teacher frame, the padded "
                              f"width; raise data.min_duration to drop shorter clips), got {lengths.tolist()}")
@@ -221,11 +236,8 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         self.check_batch(batch)  # still on the host here
         return batch
 
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        if self._pending_rng is not None:  # restored here, after everything that ran since the load
-            torch.set_rng_state(self._pending_rng)
-            self._pending_rng = None
+        self._restore_pending_rng()  # CPU + CUDA RNG after a resume (normally done in on_train_batch_start)
         self._epoch_batches += 1
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
@@ -262,6 +274,7 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
             g_params = [p for g in opt_g.param_groups for p in g["params"]]
             norm_g = self._clip(g_params)
             self._guarded_step(loss_g, norm_g, opt_g, sched_g)
+            self.ema_update()  # task.ema: average the generator's weights (no host sync)
             opt_g.zero_grad(set_to_none=True)
             logs["grad_norm_g"] = norm_g.detach()
         logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
@@ -273,18 +286,9 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
         # (a sync), even on steps that did not log it. In callback_metrics for callbacks; logged as train/loss_mel.
         self.log("loss_mel", term_logs["mel"], logger=False)
 
-
-
     # ---------------------------------------------------------------- validation
-    # Validation must not consume the training RNG stream: a resumed run replays exactly the same steps.
-    def on_validation_start(self) -> None:
-        self._val_rng = torch.get_rng_state()
-
-    def on_validation_end(self) -> None:
-        if self._val_rng is not None:
-            torch.set_rng_state(self._val_rng)
-            self._val_rng = None
-
+    # Validation consumes none of the training RNG streams (a resumed run replays exactly the same steps) and
+    # runs on the EMA weights when task.ema is on: TrainingStateMixin.on_validation_start / on_validation_end.
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch.get("duplicate"):  # padding batch that evens out ranks: already counted elsewhere
             return
@@ -333,6 +337,7 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
             "micro_step": self._micro,
             "epoch_batches": self._epoch_batches,
         }
+        self._save_training_state(checkpoint)  # per-rank CPU + CUDA RNG states, the EMA ("rng_states", "ema")
         from flexitrain.tasks.checkpointing import save_hook
 
         save_hook(self, checkpoint)  # plain containers and tensors only: loads with weights_only=True
@@ -345,9 +350,11 @@ class CodecTask(NonFiniteStepGuard, L.LightningModule):
             self._pending_rng = state["rng_torch"]
             self._micro = int(state["micro_step"])
             self._epoch_batches = self._resume_skip = int(state["epoch_batches"])
+        self._load_training_state(checkpoint)  # per-rank RNG states (over the above), the EMA
 
     def export_generator(self, path: str) -> None:
         """Write a generator-only inference checkpoint that `FlexiCodec.from_pretrained` loads."""
         from flexitrain.models.codec.checkpoint import save_pretrained
 
-        save_pretrained(self.generator, path)
+        with self.ema_weights():  # the EMA weights when task.ema is on
+            save_pretrained(self.generator, path)

@@ -6,7 +6,6 @@ G step on multi-scale mel L1 + LSGAN + feature matching. Padding is zeroed in bo
 in the mel loss. `trainer.global_step` counts generator steps. A non-finite loss or gradient norm on any
 rank skips that update on every rank, on the device (the LR schedule and global_step still advance, as for
 AMP-skipped steps), and is counted in ``skipped_steps``, as in CodecTask (tasks/guards.py).
-
 """
 from __future__ import annotations
 
@@ -29,24 +28,25 @@ from flexitrain.models.discriminators import CodecDiscriminator
 from flexitrain.models.vocos import Vocos
 from flexitrain.tasks.freezing import frozen
 from flexitrain.tasks.guards import NonFiniteStepGuard
-from flexitrain.tasks.schedules import warmup_cosine
+from flexitrain.tasks.schedules import lr_lambda
+from flexitrain.tasks.training_state import TrainingStateMixin
 
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-class VocosTask(NonFiniteStepGuard, L.LightningModule):
+class VocosTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
     def __init__(self, model: dict, sample_rate: int = 16000, discriminator: dict | None = None,
                  mel_loss: dict | None = None, loss_weights: dict | None = None, optimizer: dict | None = None,
                  scheduler: dict | None = None, grad_clip: float | None = 1.0, disc_start_step: int = 0,
-                 validation: dict | None = None):
+                 validation: dict | None = None, ema: dict | None = None):
         super().__init__()
         self.automatic_optimization = False
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
         model, discriminator, mel_loss, loss_weights = _plain(model), _plain(discriminator), _plain(mel_loss), \
             _plain(loss_weights)
-        optimizer, scheduler, validation = _plain(optimizer), _plain(scheduler), _plain(validation)
+        optimizer, scheduler, validation, ema = _plain(optimizer), _plain(scheduler), _plain(validation), _plain(ema)
         self.save_hyperparameters()
         self.generator = instantiate(model) if "_target_" in model else Vocos(**model)
         if self.generator.sample_rate != SAMPLE_RATE or self.generator.hop_size != 480:
@@ -62,6 +62,7 @@ class VocosTask(NonFiniteStepGuard, L.LightningModule):
         self.disc_start_step = int(disc_start_step)
         self.val_cfg = {"num_audio_examples": 2, **(_plain(validation) or {})}
         self._init_step_guard()  # skipped_steps counter (a buffer: survives resume)
+        self._init_training_state(ema, "generator")  # EMA of the vocoder (task.ema), RNG states (per rank)
 
     def ddp_submodules(self) -> dict[str, dict]:
         """One DDP per part under `GanDDPStrategy` (trainer=ddp): each backward reduces only its own part. Every
@@ -76,7 +77,7 @@ class VocosTask(NonFiniteStepGuard, L.LightningModule):
                                   weight_decay=oc["weight_decay"], fused=True)
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=oc["lr_d"], betas=tuple(oc["betas"]),
                                   weight_decay=oc["weight_decay"], fused=True)
-        lam = warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"])
+        lam = lr_lambda(sc)  # task.scheduler.name (default cosine)
         return [opt_g, opt_d], [torch.optim.lr_scheduler.LambdaLR(opt_g, lam),
                                 torch.optim.lr_scheduler.LambdaLR(opt_d, lam)]
 
@@ -126,7 +127,7 @@ class VocosTask(NonFiniteStepGuard, L.LightningModule):
         self.manual_backward(loss_g)
         logs["grad_norm_g"] = norm_g = self._clip(self.generator.parameters())
         self._guarded_step(loss_g, norm_g, opt_g, sched_g)
-
+        self.ema_update()  # task.ema (no host sync)
         logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
         logs["skipped_steps"] = self.skipped_steps.float()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bsz)
@@ -148,9 +149,14 @@ class VocosTask(NonFiniteStepGuard, L.LightningModule):
                         exp.add_audio(f"val_audio/{i}", clip, self.global_step, sample_rate=SAMPLE_RATE)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._save_training_state(checkpoint)  # per-rank CPU + CUDA RNG states, the EMA
         from flexitrain.tasks.checkpointing import save_hook
 
         save_hook(self, checkpoint)  # plain containers and tensors only: loads with weights_only=True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # NonFiniteStepGuard: a missing skip counter
+        self._load_training_state(checkpoint)
 
     def init_from(self, path: str) -> None:
         """Initialise the generator from a released ``.safetensors`` / exported directory, or the whole task
@@ -166,4 +172,5 @@ class VocosTask(NonFiniteStepGuard, L.LightningModule):
             load_weights_strict(self, p)
 
     def export_model(self, path: str) -> None:
-        self.generator.save_pretrained(path)
+        with self.ema_weights():  # the EMA weights when task.ema is on
+            self.generator.save_pretrained(path)

@@ -29,7 +29,8 @@ from flexitrain.losses.masking import lengths_to_mask
 from flexitrain.models.codec.merging import downsample_features_per_item, expand_groups, frame_to_group_from_lengths
 from flexitrain.models.tts.flow_sampling import sample_mel
 from flexitrain.models.tts.voicebox import VoiceboxNAR
-from flexitrain.tasks.schedules import warmup_cosine
+from flexitrain.tasks.schedules import lr_lambda
+from flexitrain.tasks.training_state import TrainingStateMixin
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def flow_matching_loss(nar: VoiceboxNAR, mel: Tensor, x_mask: Tensor, codes: Ten
     return loss, logs
 
 
-class VoiceboxTask(L.LightningModule):
+class VoiceboxTask(TrainingStateMixin, L.LightningModule):
     """Lightning wrapper: targets, optimiser, logging, validation sampling, resume state.
 
     model: `VoiceboxNAR` kwargs (or a ``_target_`` config). codec: None (batches then carry
@@ -135,16 +136,18 @@ class VoiceboxTask(L.LightningModule):
     teacher: the SenseVoice teacher config of `flexitrain.tasks.teacher.build_teacher`.
     """
 
+    _rng_attrs = ("_rng", "_gen")  # per-rank threshold and flow-matching draws, saved per rank
+
     def __init__(self, model: dict, codec: dict | None = None, teacher: dict | None = None,
                  sample_rate: int = 16000, thresholds: list[float] = (0.91,), sigma: float = 1e-5,
                  time_scheduler: str = "cos", cond_drop_prob: float = 0.2, prompt_max_ratio: float = 0.4,
                  loss_type: str = "l1", use_repa: bool = True, repa_weight: float = 1.0,
                  official_mask_units: bool = False, optimizer: dict | None = None, scheduler: dict | None = None,
-                 grad_clip: float | None = 1.0, validation: dict | None = None):
+                 grad_clip: float | None = 1.0, validation: dict | None = None, ema: dict | None = None):
         super().__init__()
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
         model, codec, teacher, thresholds = _plain(model), _plain(codec), _plain(teacher), list(_plain(thresholds))
-        optimizer, scheduler, validation = _plain(optimizer), _plain(scheduler), _plain(validation)
+        optimizer, scheduler, validation, ema = _plain(optimizer), _plain(scheduler), _plain(validation), _plain(ema)
         self.save_hyperparameters()
         self.nar = instantiate(model) if "_target_" in model else VoiceboxNAR(**model)
         self.use_repa = bool(use_repa)
@@ -170,6 +173,7 @@ class VoiceboxTask(L.LightningModule):
             self._frozen["teacher"] = build_teacher(teacher)
         self._gen = torch.Generator().manual_seed(0)
         self._rng = random.Random(0)
+        self._init_training_state(ema, "nar")  # EMA of the NAR (task.ema), RNG states (per rank)
 
     def _build_codec(self, cfg: dict) -> nn.Module:
         from flexitrain.models.codec import FlexiCodec
@@ -209,8 +213,7 @@ class VoiceboxTask(L.LightningModule):
         oc, sc = self.optim_cfg, self.sched_cfg
         opt = torch.optim.AdamW(self.nar.parameters(), lr=oc["lr"], betas=tuple(oc["betas"]),
                                 weight_decay=oc["weight_decay"])
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(sc["warmup_steps"], sc["total_steps"], sc["min_lr_ratio"]))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sc))  # task.scheduler.name (default cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -306,6 +309,7 @@ class VoiceboxTask(L.LightningModule):
     # ---------------------------------------------------------------- checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["flexitrain"] = {"rng_python": self._rng.getstate(), "rng_task": self._gen.get_state()}
+        self._save_training_state(checkpoint)  # per-rank RNG states (CPU, CUDA, the draws above), the EMA
         from flexitrain.tasks.checkpointing import save_hook
 
         save_hook(self, checkpoint)  # plain containers and tensors only: loads with weights_only=True
@@ -315,6 +319,7 @@ class VoiceboxTask(L.LightningModule):
         if state:
             self._rng.setstate(state["rng_python"])
             self._gen.set_state(state["rng_task"])
+        self._load_training_state(checkpoint)
 
     def init_from(self, path: str) -> None:
         """Strictly initialise the NAR from a Lightning checkpoint or an exported/imported directory."""
@@ -329,4 +334,5 @@ class VoiceboxTask(L.LightningModule):
             load_weights_strict(self, p)
 
     def export_model(self, path: str) -> None:
-        self.nar.save_pretrained(path)
+        with self.ema_weights():  # the EMA weights when task.ema is on
+            self.nar.save_pretrained(path)

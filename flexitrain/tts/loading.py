@@ -19,13 +19,14 @@ def _existing(path: str | Path, what: str) -> Path:
     return p
 
 
-def load_task(cls, path: Path, what: str = "checkpoint"):
+def load_task(cls, path: Path, what: str = "checkpoint", use_ema: bool = True):
     """A flexitrain task from its Lightning checkpoint, strictly and weights-only (`tasks.checkpointing.load_task`:
-    the right task, every key and size checked first). Checkpoints written before flexitrain stored plain
-    hyper-parameters are refused with the command that converts them (tools/convert_checkpoint.py)."""
+    the right task, every key and size checked first), with its EMA weights when it holds them (``task.ema``).
+    Checkpoints written before flexitrain stored plain hyper-parameters are refused with the command that
+    converts them (tools/convert_checkpoint.py)."""
     from flexitrain.tasks.checkpointing import load_task as _load
 
-    return _load(cls, path, what)
+    return _load(cls, path, what, use_ema=use_ema)
 
 
 def load_ar(path: str | Path) -> tuple[nn.Module, tuple[nn.Module, nn.Module] | None]:

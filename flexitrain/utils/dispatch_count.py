@@ -186,6 +186,7 @@ def _locate(frames, roots: tuple[str, ...], depth: int = 6) -> tuple[str, tuple[
 
 
 _OPTIM_DIR = os.path.join(_TORCH_DIR, "optim") + os.sep
+_current_node = getattr(torch._C, "_current_autograd_node", None)  # the backward node running now, if any
 
 
 def _device_of(args, kwargs) -> torch.device | None:
@@ -385,7 +386,7 @@ class SyncCounter:
         return None
 
     def _record(self, kind: str, device: torch.device | None) -> None:
-        node = torch._C._current_autograd_node()
+        node = _current_node() if _current_node is not None else None
         if node is not None:  # an op of the backward pass: locate the forward op that made this node
             frames = _traceback_frames((getattr(node, "metadata", None) or {}).get("traceback_"))
             kind = f"{kind} (backward of {node.name()})"

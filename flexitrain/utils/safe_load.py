@@ -338,9 +338,8 @@ _KINDS: list[tuple[str, Any]] = [
     ("ARTTSModel", lambda ks: any(k.startswith(("transformer_lm.", "llm.", "text_encoder.")) for k in ks)),
     ("SenseVoice", lambda ks: any(k.startswith("encoder.encoders0.") for k in ks)),
 ]
-TASK_OF_MODEL = {"FlexiCodec": "CodecTask", "Vocos": "VocosTask", "VoiceboxNAR": "VoiceboxTask",
-                 "ARTTSModel": "ARTTSTask"}
-DESCRIBE = {"CodecTask": "a codec training checkpoint (CodecTask)", "VocosTask": "a Vocos training checkpoint (VocosTask)",
+DESCRIBE = {"CodecTask": "a codec training checkpoint (CodecTask)",
+            "VocosTask": "a Vocos training checkpoint (VocosTask)",
             "VoiceboxTask": "a Voicebox NAR training checkpoint (VoiceboxTask)",
             "ARTTSTask": "an AR TTS training checkpoint (ARTTSTask)", "FlexiCodec": "a FlexiCodec codec model",
             "Vocos": "a Vocos vocoder model", "VoiceboxNAR": "a Voicebox NAR model", "ARTTSModel": "an AR TTS model",

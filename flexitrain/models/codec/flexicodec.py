@@ -8,8 +8,11 @@ Constructor arguments and state-dict keys are the official ones. Two ways to run
   ConvNeXt, aggregators, bottleneck), so a batched item gives the same codes as the item alone,
   and runs the DAC in a faster memory layout.
 
-Host syncs per call (not per item): the number of tokens G (tensor sizes depend on it), and a
-few "is the batch ragged?" checks that skip masking work when every item has the same length.
+Host syncs: inference (``encode`` / ``decode``) makes a few per call (not per item): the number of
+tokens G (tensor sizes depend on it), input checks, and "is the batch ragged?" checks that skip
+masking work when every item has the same length. The masked training ``forward`` makes none: the
+group axis is padded to T (``static_groups``), padding is always masked (all-ones masks for full
+items), and its one input check is a device-side assert.
 
 Data flow (16 kHz, hop 1280 → 12.5 Hz frames): DAC encoder → acoustic frames; teacher features
 (SenseVoice, 16.67 Hz) → interpolated to 12.5 Hz; neighbour-similarity merging → groups;
@@ -33,7 +36,7 @@ from .aggregator import QueryTokenAggregator
 from .convnext import ConvNeXtBlock
 from .dac import DAC
 from .fsq import FSQWrapper
-from .layers import WNConv1d
+from .layers import WNConv1d, clear_folded_weights
 from .merging import (Grouping, downsample_features, downsample_features_per_item, downsample_lengths,
                       expand_groups, frame_to_group_from_lengths, group_frames, mean_pool)
 from .transformer import ProjectedTransformer
@@ -207,11 +210,13 @@ class FlexiCodec(nn.Module):
             self.config[k] = list(self.config[k])
         if semantic_encoder is not None or semantic_decoder is not None:
             raise NotImplementedError("custom semantic_encoder / semantic_decoder modules are not supported")
-        if semantic_model_type != "sensevoice":
-            raise NotImplementedError(f"semantic_model_type={semantic_model_type!r}: only 'sensevoice' is supported")
+        if semantic_model_type not in ("sensevoice", "external"):
+            raise NotImplementedError(f"semantic_model_type={semantic_model_type!r}: 'sensevoice' or 'external' "
+                                      "(ssl_dim-wide features of any teacher, flexitrain.tasks.teacher)")
         if sensevoice_semantic_layer_idx is not None or sensevoice_sim_layer_idx is not None:
             raise NotImplementedError("SenseVoice layer selection is not supported (the release uses hidden_out)")
-        ssl_dim = 512  # official: forced for SenseVoice
+        if semantic_model_type == "sensevoice":
+            ssl_dim = 512  # official: forced for SenseVoice
         if use_similarity_alignment:
             if not use_dynamic_similarity_threshold and similarity_threshold is None:
                 raise ValueError("similarity_threshold must be set when use_dynamic_similarity_threshold=False")
@@ -276,6 +281,11 @@ class FlexiCodec(nn.Module):
                 num_layers=agg_transformer_num_layers, dim_feedforward=agg_transformer_dim_feedforward,
                 causal=agg_transformer_causal, use_mean_pooling_init=agg_use_mean_pooling_init,
                 context_frames=agg_transformer_context_frames)
+
+    def train(self, mode: bool = True) -> "FlexiCodec":
+        # Folded weight-norm caches serve inference only; a mode switch (e.g. into validation) starts fresh.
+        clear_folded_weights(self)
+        return super().train(mode)
 
     # ------------------------------------------------------------------ properties / loading
     @property
@@ -384,8 +394,7 @@ class FlexiCodec(nn.Module):
             raise ValueError(too_short)
         if not host_checks:
             torch._assert_async((sem_len > 0).all(), too_short)
-
-        frame_lengths = torch.minimum(torch.minimum(padded_lengths // hop, sem_len), torch.tensor(T, device=device))
+        frame_lengths = torch.minimum(padded_lengths // hop, sem_len).clamp(max=T)  # (no host->device copy)
         keep = (torch.arange(T, device=device) < frame_lengths.unsqueeze(1)).unsqueeze(1)
         return acoustic[..., :T] * keep, sem[..., :T] * keep, frame_lengths
 
@@ -613,7 +622,6 @@ class FlexiCodec(nn.Module):
             vq_mask = None
             if static:
                 vq_mask = torch.arange(ac_tokens.shape[-1], device=device) < grouping.compact_groups
-
             with _no_autocast(ac_tokens):
                 rvq = self.dac.quantizer((ac_tokens - sem_decoded).float(), n_quantizers, dropout=quantizer_dropout,
                                          loss_mask=vq_mask)
@@ -624,7 +632,6 @@ class FlexiCodec(nn.Module):
         frame_mask = torch.ones(B, T, dtype=torch.bool, device=device) if frame_lengths is None else \
             torch.arange(T, device=device) < frame_lengths.unsqueeze(1)
         ragged = use_padding_mask and frame_lengths is not None  # masks of full items are all-ones: no host check
-
         bottleneck = self.bottleneck(latent, frame_lengths if ragged else None)
         out = self.dac_decode(bottleneck, frame_lengths if ragged else None,
                               channels_last=use_padding_mask and self.fast_conv_layout)

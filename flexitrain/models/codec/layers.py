@@ -9,6 +9,8 @@ dim except 0), so outputs are bit-identical.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,18 @@ class _WeightNormMixin:
             cache = (w, w.unsqueeze(2).contiguous(memory_format=torch.channels_last))
             self.__dict__["_folded_2d"] = cache
         return cache[1]
+
+
+def clear_folded_weights(module: nn.Module) -> None:
+    """Drop the inference caches of folded weight-norm weights under ``module``.
+
+    The cache key (parameter version counters) misses in-place updates that do not bump ``_version``, such as
+    the fused AdamW kernels: a training loop calls this after each optimiser step (and `FlexiCodec.train()`
+    does on every mode switch), so validation never decodes with stale weights."""
+    for m in module.modules():
+        if isinstance(m, _WeightNormMixin):
+            m.__dict__.pop("_folded", None)
+            m.__dict__.pop("_folded_2d", None)
 
 
 class WNConv1d(_WeightNormMixin, nn.Module):
@@ -109,7 +123,8 @@ def _snake_fp32(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return (xf + (af + 1e-9).reciprocal() * torch.sin(af * xf).pow(2)).to(x.dtype)
 
 
-_FUSED_SNAKE = {"enabled": True, "fn": None}
+# FLEXITRAIN_FUSED_SNAKE=0 switches the fused GPU Snake off without a code change (e.g. where inductor is absent).
+_FUSED_SNAKE = {"enabled": os.environ.get("FLEXITRAIN_FUSED_SNAKE", "1") != "0", "fn": None}
 
 
 def set_fused_snake(enabled: bool) -> None:

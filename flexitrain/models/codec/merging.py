@@ -94,7 +94,6 @@ def group_frames(h: torch.Tensor, threshold, max_tokens_per_group: int | None = 
     return Grouping(f2s, alignment, num_groups, token_lengths, sim, G_tensor.reshape(()) if B > 0 else None)
 
 
-
 def mean_pool(features: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
     """``[B, D, T]`` frames → ``[B, D, G]`` group means (official ``aggregate_features``)."""
     alignment = alignment.to(features.dtype)

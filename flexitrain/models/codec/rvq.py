@@ -112,7 +112,6 @@ class ResidualVectorQuantize(nn.Module):
         codes, latents = [], []
         for i in range(n_max):
             out_i, com_i, cb_i, codes_i, z_e_i = self.quantizers[i](residual, loss_mask)
-
             if dropout:
                 mask = (i < n_q).to(z.dtype)
                 quantized = quantized + out_i * mask[:, None, None]

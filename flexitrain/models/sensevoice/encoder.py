@@ -20,7 +20,8 @@ __all__ = ["SANMEncoder", "SANMLayer", "sinusoidal_positions"]
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """FunASR ``SinusoidalPositionEncoder``: positions 1..length, ``[sin | cos]`` concatenated
     (not interleaved), inverse timescales ``exp(-i * ln(1e4) / (dim/2 - 1))``. Shape ``[length, dim]``."""
-    increment = torch.log(torch.tensor([10000.0], dtype=dtype, device=device)) / (dim / 2 - 1)
+    # torch.full, not torch.tensor: made on the device (a tensor from host data is a blocking copy on a GPU).
+    increment = torch.log(torch.full((1,), 10000.0, dtype=dtype, device=device)) / (dim / 2 - 1)
     inv = torch.exp(torch.arange(dim / 2, device=device).to(dtype) * -increment)
     t = torch.arange(1, length + 1, device=device).to(dtype)[:, None] * inv[None, :]
     return torch.cat([torch.sin(t), torch.cos(t)], dim=-1)

@@ -126,7 +126,6 @@ class SenseVoiceFrontend(nn.Module):
         if lengths is None:
             lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long, device=wav.device)
         fb, fb_lengths = self.fbank(wav.float(), lengths, lengths_checked)
-
         return self.lfr_cmvn(fb, fb_lengths)
 
     @staticmethod

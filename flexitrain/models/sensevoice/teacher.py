@@ -154,7 +154,6 @@ class SenseVoiceTeacher(nn.Module):
         to the host (no device sync)."""
         with torch.autocast(device_type=wav.device.type, enabled=False):
             feats, feat_lengths = self.frontend(wav.float(), lengths, lengths_checked)
-
         return self.encode_features(feats, feat_lengths)
 
 
