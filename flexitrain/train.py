@@ -97,6 +97,9 @@ def save_resolved_config(cfg: DictConfig, output_dir: Path) -> None:
 def run(cfg: DictConfig) -> dict:
     import lightning as L
 
+    from flexitrain.utils.console import quiet_console
+
+    quiet_console()  # each message once, no library chatter (after Hydra set up logging and Lightning's import)
     check_accelerator(cfg)  # before any work: a missing GPU is a configuration error
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
@@ -118,7 +121,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("resuming from %s", resume)
     start = time.time()
     if cfg.get("validate_first") and resume is None:
-        trainer.validate(task, datamodule=datamodule)
+        trainer.validate(task, datamodule=datamodule, verbose=False)  # logged; no metric table on the console
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume, weights_only=True)  # a checkpoint never runs code
     summary = {
         "run_dir": str(output_dir),

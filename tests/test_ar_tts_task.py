@@ -178,7 +178,8 @@ def test_lightning_fit_and_resume(tmp_path, one_thread):
 
     def fit(steps, ckpt=None):
         task = ARTTSTask(MODEL, targets={"source": "codec", "thresholds": [0.86, 0.91]}, codec=FakeCodec(),
-                         scheduler={"warmup_steps": 2, "total_steps": 4})
+                         scheduler={"warmup_steps": 2, "total_steps": 4}, ema={"decay": 0.9, "start_step": 1},
+                         validation={"max_tokens": 20})
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=1, val_check_interval=2,
                             default_root_dir=str(tmp_path), enable_checkpointing=False)
@@ -190,5 +191,13 @@ def test_lightning_fit_and_resume(tmp_path, one_thread):
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     state = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
     assert all(k.startswith("model.") for k in state)  # the frozen codec is not saved
+    # EMA (task.ema): one update per optimiser step, checkpointed, restored exactly on resume
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert task.ema.num_updates == 2 and ckpt["ema"]["num_updates"] == 2
+    assert all(torch.equal(ckpt["ema"]["weights"][n], s) for n, s in zip(task.ema.names, task.ema.shadow))
+    # a sample decoded at validation, written as text in the run directory (no logger)
+    sample = next((tmp_path / "samples").glob("step_*/val_sample__tokens.txt")).read_text()
+    assert "threshold 0.86: generated" in sample and "threshold 0.91: generated" in sample
+    assert sum(k.startswith("val/sample_tokens_per_second_") for k in trainer.callback_metrics) == 2
     trainer2, task2 = fit(3, str(tmp_path / "a.ckpt"))
-    assert trainer2.global_step == 3
+    assert trainer2.global_step == 3 and task2.ema.num_updates == 3

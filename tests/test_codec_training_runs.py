@@ -16,8 +16,8 @@ def corpus(tmp_path_factory) -> Path:
     return build_tiny_corpus(tmp_path_factory.mktemp("corpus") / "demo")
 
 
-def common(corpus: Path, steps: int, run_name: str) -> list[str]:
-    return [*MICRO_MODEL, *MICRO_TASK, *data_overrides(corpus), "trainer=cpu", f"trainer.max_steps={steps}",
+def common(corpus: Path, steps: int, run_name: str, *extra: str) -> list[str]:
+    return [*MICRO_MODEL, *MICRO_TASK, *data_overrides(corpus), *extra, "trainer=cpu", f"trainer.max_steps={steps}",
             "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "logger=csv", "validate_first=false",
             "callbacks.checkpoint.every_n_train_steps=1", "~callbacks.progress", "data.epoch_samples=12",
             f"run_name={run_name}", "experiment=resume",
@@ -50,14 +50,26 @@ def assert_same_run(a: Path, b: Path, steps: int) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
+# EMA on (copy phase to step 2, then averaged at every 2nd step): the cut at step 5 lies in the averaging phase.
+EMA = "task.ema={decay:0.8,start_step:2,every:2}"
+
+
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(corpus, tmp_path):
     # 12 samples/epoch in batches of 4: 3 steps per epoch; the cut at step 5 is mid-epoch 1.
-    run_train(tmp_path, common(corpus, 7, "full"))
-    run_train(tmp_path, common(corpus, 5, "cut"))
-    out = run_train(tmp_path, common(corpus, 7, "cut"))  # ckpt_path=auto: picks up checkpoints/last.ckpt
+    run_train(tmp_path, common(corpus, 7, "full", EMA))
+    run_train(tmp_path, common(corpus, 5, "cut", EMA))
+    out = run_train(tmp_path, common(corpus, 7, "cut", EMA))  # ckpt_path=auto: picks up checkpoints/last.ckpt
     runs = tmp_path / "runs" / "resume"
     assert json.loads((runs / "cut" / "summary.json").read_text())["resumed_from"].endswith("last.ckpt")
     assert_same_run(runs / "full", runs / "cut", 7)
+    # the EMA (and the per-rank RNG bundle) came back exactly: the averaged weights are bit-identical
+    full, cut = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+                 for r in (runs / "full", runs / "cut"))
+    assert full["ema"]["num_updates"] == cut["ema"]["num_updates"] == 7
+    assert full["ema"]["weights"].keys() == cut["ema"]["weights"].keys()
+    assert all(torch.equal(v, cut["ema"]["weights"][k]) for k, v in full["ema"]["weights"].items())
+    assert any(not torch.equal(v, full["state_dict"][f"generator.{k}"]) for k, v in full["ema"]["weights"].items())
+    assert torch.equal(full["rng_states"]["ranks"][0]["torch"], cut["rng_states"]["ranks"][0]["torch"])
 
 
 @pytest.mark.slow
@@ -73,9 +85,15 @@ def test_two_process_ddp_keeps_replicas_identical(corpus, tmp_path):
     run_train(tmp_path, [*MICRO_MODEL, *MICRO_TASK, *data_overrides(corpus), "trainer=ddp_cpu",
                          "trainer.max_steps=2", "trainer.limit_val_batches=0", "validate_first=false", "logger=csv",
                          "~callbacks.progress", "+callbacks.replicas._target_=flexitrain.callbacks.ReplicaConsistencyCheck",
-                         "experiment=ddp", "torch_threads=1"], timeout=900)
+                         "experiment=ddp", "torch_threads=1", EMA, "callbacks.checkpoint.every_n_train_steps=1"],
+              timeout=900)
     report = json.loads((tmp_path / "runs" / "ddp" / "main" / "replicas.json").read_text())
     assert report["world_size"] == 2 and report["consistent"] and report["global_step"] == 2
+    # every rank's RNG streams are in the checkpoint (gathered when it is written), and the EMA
+    ckpt = torch.load(tmp_path / "runs" / "ddp" / "main" / "checkpoints" / "last.ckpt", weights_only=True)
+    ranks = ckpt["rng_states"]["ranks"]
+    assert ckpt["rng_states"]["world_size"] == 2 and ranks[0]["attrs"]["_rng"] != ranks[1]["attrs"]["_rng"]
+    assert ckpt["ema"]["num_updates"] == 2
 
 
 def recipe_base(corpus: Path) -> list[str]:

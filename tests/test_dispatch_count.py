@@ -170,3 +170,12 @@ def test_optimizer_step_counters_are_host_only():
         opt.step()
     assert c.syncs == 0, c.report()
     assert sum(c.host_only.values()) >= 1  # AdamW read its CPU `step` tensor
+
+
+def test_reads_before_the_batch_transfer_are_host_only():
+    def on_before_batch_transfer(batch):
+        return int(batch["lengths"].max())  # the host copy of the batch: no device involved
+
+    with SyncCounter() as c:
+        on_before_batch_transfer({"lengths": torch.tensor([3, 4])})
+    assert c.syncs == 0 and sum(c.host_only.values()) == 1, c.report()

@@ -64,7 +64,10 @@ def test_tts_eval_over_corpus_pairs_writes_a_complete_report_and_resumes(ckpts, 
     assert all(Path(r["prompt_wav"]).stem != r["key"] for r in pairs)  # cross-sentence: another utterance
     records = [json.loads(line) for line in (out / "per_utterance.jsonl").read_text().splitlines()]
     assert all("sim" in r and "hypothesis" in r and "mos" in r for r in records)
-    assert any(r["utt_wer"] == 0 for r in records if r["setting"] == "ground_truth")  # tiny.en reads espeak
+    # The ground truth is scored like any hypothesis: tiny.en reads espeak well but not perfectly (its errors
+    # differ between CPUs and CTranslate2 builds), so the best of the three utterances must be read nearly right.
+    gt_rows = [r for r in records if r["setting"] == "ground_truth"]
+    assert min(r["utt_wer"] for r in gt_rows) <= 0.25, [(r["hypothesis"], r["utt_wer"]) for r in gt_rows]
     report = (out / "report.md").read_text()
     assert "# TTS evaluation" in report and "| 8.3 | 0.91 |" in report and "| 6.25 | 0.86 |" in report
     assert "ground truth" in report

@@ -735,6 +735,9 @@ def main(argv=None) -> dict:
     log_every = int(cfg.trainer.get("log_every_n_steps") or 50)
     bench = BenchCallback(kind, device, args.warmup, args.steps, compile_on, log_every, args.count_log_step)
     tkw = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "_target_"}
+    if str(tkw.get("strategy", "auto")) != "auto" or tkw.get("devices") not in (1, "1", None):
+        notes.append(f"one device, strategy auto (the recipe's trainer: devices {tkw.get('devices')}, "
+                     f"strategy {tkw.get('strategy')}): no DDP gradient all-reduce in these figures")
     tkw.update(accelerator="gpu" if device.type == "cuda" else "cpu",
                devices=[device.index or 0] if device.type == "cuda" else 1, num_nodes=1, strategy="auto",
                precision=precision, max_steps=-1, max_epochs=1, min_steps=None, min_epochs=None,
@@ -875,6 +878,9 @@ def _print(r: dict, sc, verbose: bool) -> None:
           + (" (CPU: counting what would sync on a GPU)" if r["device"] == "cpu" else ""))
         for site, n in sorted(r["sync_sites"].items(), key=lambda kv: (-kv[1], kv[0])):
             p(f"    {n:4d} x {site}")
+        if r["host_only_reads"]:
+            p(f"    (not syncs: {sum(r['host_only_reads'].values())} reads of host-side tensors: optimiser step "
+              "counters, the batch before its transfer)")
         if verbose:
             p("    top ops: " + ", ".join(f"{k} {v}" for k, v in sc.op_counts.most_common(25)))
     if r.get("log_step") is not None:

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     print(f"{out['utterances']} utterances, {out['seconds'] / 60:.1f} min, teacher {cfg['name']} "
           f"({out['frames_per_second']:.2f} frames/s before merging)")
     for tau, rate in out["rates"].items():
-        print(f"  τ = {tau:<5g} {rate:6.2f} tokens/s")
+        print(f"  τ = {float(tau):<5} {rate:6.2f} tokens/s")
     print(summary_line(out["rates"]))
     return 0
 

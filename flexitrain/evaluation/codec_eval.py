@@ -86,6 +86,7 @@ def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
     generator, teacher = load_codec(cfg.ckpt, OmegaConf.to_container(cfg.teacher) if cfg.get("teacher") else None,
                                     device=cfg.device)
     sr = int(generator.sample_rate)
+    spectrograms: list[tuple[str, str]] = []  # (setting, png path relative to out_dir): merge boundaries
     scorers = Scorers.from_config(OmegaConf.to_container(cfg.metrics), sr)
     settings = [(float(t), None if q in (None, "all") else int(q)) for q in cfg.num_quantizers for t in cfg.thresholds]
     model_hash = file_hash(cfg.ckpt)
@@ -142,6 +143,9 @@ def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
                     new.append(rec)
                     if n_utts - len(keys) + i < int(cfg.num_audio_samples):
                         sf.write(out_dir / "samples" / f"{keys[i]}_{name}.wav", degs[j], sr)
+                    if n_utts - len(keys) + i < int(cfg.get("num_spectrograms", 1)):
+                        spectrograms.append(_merge_spectrogram(out_dir, keys[i], name, tau, refs[i], lens, sr,
+                                                               int(generator.hop_length)))
             for i, k in enumerate(keys[: max(0, int(cfg.num_audio_samples) - (n_utts - len(keys)))]):
                 sf.write(out_dir / "samples" / f"{k}_reference.wav", refs[i], sr)
             n_new += append_records(sink, new, done, records)
@@ -157,6 +161,48 @@ def run_codec_eval(cfg: DictConfig | dict) -> dict[str, Any]:
     (out_dir / "metrics.json").write_text(json.dumps({"meta": meta, "settings": summary}, indent=2))
     write_per_utterance_csv(records, out_dir / "per_utterance.csv")
     plot_rate_quality(summary, out_dir / "rate_quality.png")
-    report = write_report(out_dir, summary, meta, extra_sections=cfg.get("extra_sections") or [])
+    extra = teacher_section(teacher, cfg) + spectrogram_section(out_dir, spectrograms) + list(cfg.get("extra_sections") or [])
+    report = write_report(out_dir, summary, meta, extra_sections=extra)
     log.info("report: %s (%d new records, %.1f s)", report, n_new, meta["eval_seconds"])
     return {"summary": summary, "meta": meta, "report": str(report)}
+
+
+def _merge_spectrogram(out_dir: Path, key: str, name: str, tau: float, audio, token_lengths: list[int], sr: int,
+                       hop: int) -> tuple[str, str]:
+    """The reference's spectrogram with the token boundaries of one setting (merged silences / steady sounds show
+    as long spans without lines)."""
+    from flexitrain.callbacks.codec_eval import plot_merge_spectrogram
+
+    rel = f"spectrograms/{key.replace('/', '_')}_{name}.png"
+    (out_dir / "spectrograms").mkdir(exist_ok=True)
+    rate = len(token_lengths) / (len(audio) / sr)
+    plot_merge_spectrogram(audio, token_lengths, sr, hop, out_dir / rel,
+                           title=f"{key}  τ = {tau:g}: {len(token_lengths)} tokens, {rate:.2f} tokens/s")
+    return name, rel
+
+
+def spectrogram_section(out_dir: Path, spectrograms: list[tuple[str, str]]) -> list[str]:
+    if not spectrograms:  # a resumed evaluation: the ones drawn before are still there
+        spectrograms = [(p.stem, f"spectrograms/{p.name}") for p in sorted((out_dir / "spectrograms").glob("*.png"))]
+    if not spectrograms:
+        return []
+    lines = ["", "## Merge boundaries", "",
+             "Spectrogram of a test utterance with a line at every token boundary: merged frames (silences, steady "
+             "sounds) are the spans without lines; lower τ merges more.", ""]
+    return lines + [f"![{name}]({rel})" for name, rel in spectrograms]
+
+
+def teacher_section(teacher, cfg) -> list[str]:
+    """Which semantic teacher set the merging; a warning when WER is scored by Whisper and the teacher is Whisper."""
+    name = type(teacher).__name__
+    lines = ["", "## Semantic teacher", "", f"- `{name}`" + (f" ({teacher.model_dir})" if hasattr(teacher, "model_dir")
+                                                          else "")]
+    asr = (cfg.get("metrics") or {}).get("asr") or {}
+    if name == "WhisperCT2Teacher" and asr.get("enabled", True) and asr.get("backend", "faster_whisper") in (
+            "faster_whisper", "openai_whisper"):
+        lines.append("- **WER is scored with a Whisper model too** (`metrics.asr`: "
+                     f"{asr.get('backend', 'faster_whisper')}, {asr.get('path') or 'the bundled tiny.en'}), the same "
+                     "model family as this teacher (with the defaults, the very same tiny.en): the codec was trained "
+                     "to keep what that Whisper encoder represents, so this WER is not an independent measure of "
+                     "intelligibility. Use another ASR (`metrics.asr.backend=hf`) for an independent one.")
+    return lines

@@ -51,7 +51,7 @@ def measure_frame_rates(teacher, clips: Iterable[torch.Tensor], thresholds: list
 
 def summary_line(rates: dict[float, float]) -> str:
     """``frame rates: 1.0→A Hz, 0.9→B Hz, ...; span X.XX×`` (span: highest over lowest rate)."""
-    parts = ", ".join(f"{t:g}→{r:.2f} Hz" for t, r in rates.items())
+    parts = ", ".join(f"{float(t)}→{r:.2f} Hz" for t, r in rates.items())
     lo, hi = min(rates.values()), max(rates.values())
     span = hi / lo if lo > 0 else math.inf
     return f"frame rates: {parts}; span {span:.2f}×"

@@ -29,15 +29,16 @@ def _plain(cfg):
 class ARTTSTask(TrainingStateMixin, L.LightningModule):
     def __init__(self, model: dict, targets: dict | None = None, optimizer: dict | None = None,
                  scheduler: dict | None = None, grad_clip: float | None = 1.0, seed: int = 0,
-                 codec=None, teacher=None, ema: dict | None = None):
+                 codec=None, teacher=None, ema: dict | None = None, validation: dict | None = None):
         """model: ARTTSModel arguments. targets: {source: shards|codec, thresholds: [...], codec_ckpt |
         codec_model (+ codec_seed), teacher, cache (source=codec: keep each utterance's targets in memory)}.
         codec/teacher: already built frozen objects (tests, notebooks) instead of codec_ckpt.
-        ema: {decay, start_step, every} (flexitrain.tasks.ema) or None."""
+        ema: {decay, start_step, every} (flexitrain.tasks.ema) or None. validation: {num_samples (0: none),
+        max_tokens, top_k, seed}: the sample decoded from the first validation text at each threshold."""
         super().__init__()
         # Plain containers in the hyper-parameters (not Hydra's DictConfig): checkpoints load with weights_only=True.
         model, targets, optimizer, scheduler = (_plain(model), _plain(targets), _plain(optimizer), _plain(scheduler))
-        ema = _plain(ema)
+        ema, validation = _plain(ema), _plain(validation)
         self.save_hyperparameters(ignore=["codec", "teacher"])
         model = {k: v for k, v in dict(model).items() if not k.startswith("_")}
         self.model = ARTTSModel(**model)
@@ -58,6 +59,7 @@ class ARTTSTask(TrainingStateMixin, L.LightningModule):
         self.optim_cfg = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.01, **(optimizer or {})}
         self.sched_cfg = {"warmup_steps": 1000, "total_steps": 100_000, "min_lr_ratio": 0.1, **(scheduler or {})}
         self.grad_clip, self.seed = grad_clip, seed
+        self.val_cfg = {"num_samples": 1, "max_tokens": 500, "top_k": 25, "seed": 0, **(validation or {})}
         self._init_training_state(ema, "model")  # EMA of the AR model (task.ema), RNG states (per rank)
         self._frozen = [codec, teacher]  # a list: not registered as submodules
         self.cache_targets = bool(t.get("cache", False)) and self.source == "codec"
@@ -156,6 +158,37 @@ class ARTTSTask(TrainingStateMixin, L.LightningModule):
                            f"val/acc_{k}": out.accuracy}, batch_size=bs, sync_dist=True)
             total = total + out.total_loss
         self.log("val/loss", total / len(self.thresholds), prog_bar=True, batch_size=bs, sync_dist=True)
+        if batch_idx == 0 and int(self.val_cfg["num_samples"]) > 0 and self.trainer.is_global_zero:
+            self._log_sample(batch)
+
+    @torch.no_grad()
+    def _log_sample(self, batch: dict) -> None:
+        """Decode the first validation text freely (no prompt; seeded top-k) at each threshold and log the tokens,
+        durations and frame rate next to the reference's, as text (TensorBoard / wandb / a .txt file in the run
+        directory) and as ``val/sample_tokens_per_second_<thr>`` (rank 0)."""
+        from flexitrain.models.tts.sampling import SamplingConfig, generate
+        from flexitrain.utils.media_log import log_media
+
+        text = batch["text"][:1, : int(batch["text_lengths"][0])]
+        cfg = SamplingConfig(top_k=int(self.val_cfg["top_k"]), max_tokens=int(self.val_cfg["max_tokens"]))
+        lines = [f"key {batch.get('keys', ['?'])[0]}: {text.shape[1]} text ids"]
+        for thr in self.thresholds:
+            gen = torch.Generator().manual_seed(int(self.val_cfg["seed"]))
+            res = generate(self.model, text, thr, config=cfg, generator=gen)
+            speech, durations, lengths = self.targets(batch, thr)
+            ref_n = int(lengths[0])
+            ref_d = durations[0, :ref_n]
+            n, frames, ref_frames = res.tokens.shape[1], int(res.durations.sum()), int(ref_d.sum())
+            rate = n / max(frames * 0.08, 1e-9)
+            self.log(f"val/sample_tokens_per_second_{threshold_key(thr)}", rate, rank_zero_only=True, batch_size=1)
+            lines += [f"threshold {thr:g}: generated {n} tokens, {frames} frames ({frames * 0.08:.2f} s, "
+                      f"{rate:.2f} tokens/s, {'EOS' if res.stopped_by_eos else 'no EOS: cut at max_tokens'}); "
+                      f"reference {ref_n} tokens, {ref_frames} frames ({ref_frames * 0.08:.2f} s, "
+                      f"{ref_n / max(ref_frames * 0.08, 1e-9):.2f} tokens/s)",
+                      f"  tokens    {res.tokens[0, :48].tolist()}",
+                      f"  reference {speech[0, :min(ref_n, 48)].tolist()}",
+                      f"  durations {res.durations[0, :48].tolist()}", f"  reference {ref_d[:48].tolist()}"]
+        log_media(self.trainer, text={"val_sample/tokens": "\n".join(lines)})
 
     def configure_optimizers(self):
         oc, sc = self.optim_cfg, self.sched_cfg

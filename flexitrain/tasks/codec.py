@@ -319,15 +319,15 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
             self._log_audio("reference", audio[:, 0], lengths)
 
     def _log_audio(self, tag: str, audio: Tensor, lengths: Tensor) -> None:
+        """The first ``validation.num_audio_examples`` clips to TensorBoard / wandb, or as .wav files in the run
+        directory when no logger takes audio (`flexitrain.utils.media_log`)."""
+        from flexitrain.utils.media_log import log_media
+
         k = int(self.val_cfg["num_audio_examples"])
         if k <= 0 or not self.trainer.is_global_zero:
             return
-        for logger in self.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_audio"):  # TensorBoard
-                for i in range(min(k, audio.shape[0])):
-                    clip = audio[i, : int(lengths[i])].float().clamp(-1, 1).cpu()
-                    exp.add_audio(f"val_audio/{i}_{tag}", clip, self.global_step, sample_rate=self.generator.sample_rate)
+        clips = {f"val_audio/{i}_{tag}": audio[i, : int(lengths[i])] for i in range(min(k, audio.shape[0]))}
+        log_media(self.trainer, audio=clips, sample_rate=self.generator.sample_rate)
 
     # ---------------------------------------------------------------- checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -79,8 +79,15 @@ class ModelEMA:
     def _live(self) -> list[Tensor]:
         return [p.detach() for p in self._params]
 
+    def _refresh(self) -> None:
+        """Re-read the parameters by name (a module whose parameters were replaced, e.g. loaded with assign=True)."""
+        named = dict(self.module.named_parameters())
+        self._params = [named[n] for n in self.names]
+
     def _ensure(self) -> list[Tensor]:
         """The averaged weights on the parameters' device (created from the weights, or moved, on first use)."""
+        if self.shadow is None or (self._params and self.shadow[0].device != self._params[0].device):
+            self._refresh()
         live = self._live()
         if self.shadow is None:
             self.shadow = [p.float().clone() if p.dtype != torch.float32 else p.clone() for p in live]

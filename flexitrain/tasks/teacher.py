@@ -44,7 +44,8 @@ def build_teacher(cfg: dict, key: str = "task.teacher") -> nn.Module:
     elif name == "hf_local":
         from flexitrain.models.teachers.hf_local import HFLocalTeacher
 
-        teacher = HFLocalTeacher(cfg.get("model_dir"), layer=cfg.get("layer", -1), config_key=f"{key}.model_dir")
+        teacher = HFLocalTeacher(cfg.get("model_dir"), layer=int(cfg.get("layer", -1)), hop_samples=cfg.get("hop_samples"),
+                                 config_key=f"{key}.model_dir")
     else:
         raise ValueError(f"{key}.name={name!r} is not a teacher; choose one of {', '.join(TEACHERS)}")
     check_teacher_matches(teacher, cfg, key)
@@ -128,18 +129,11 @@ def teacher_hop_samples(teacher: nn.Module, sample_rate: int = 16000) -> int:
 def teacher_config(name: str = "sensevoice", overrides: list[str] | None = None) -> dict:
     """The resolved `task.teacher` of `python train.py task/teacher=<name> task.teacher.<k>=<v>...` (what a training
     run with the same options gets, so that the signatures of pre-extracted features match)."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    configs = Path(__file__).resolve().parents[2] / "configs"
+    from flexitrain.utils.config import compose
+
     args = [f"task/teacher={name}"] + [o if o.startswith(("task.", "+task.")) else f"task.teacher.{o}"
                                         for o in (overrides or [])]
-    was = GlobalHydra.instance().is_initialized()
-    if was:  # (inside a Hydra app or a test that composes: use a fresh instance)
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        cfg = compose("train", overrides=["task=codec", *args])
+    cfg = compose(["task=codec", *args], return_hydra_config=False)
     return OmegaConf.to_container(cfg.task.teacher, resolve=True)

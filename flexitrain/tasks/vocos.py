@@ -140,13 +140,11 @@ class VocosTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         self.log("val/mel_distance", self.mel_loss(fake, real, lengths), batch_size=fake.shape[0],
                  sync_dist=True, prog_bar=True)
         k = int(self.val_cfg["num_audio_examples"])
-        if batch_idx == 0 and k > 0 and self.trainer.is_global_zero:
-            for logger in self.loggers:
-                exp = getattr(logger, "experiment", None)
-                if hasattr(exp, "add_audio"):
-                    for i in range(min(k, fake.shape[0])):
-                        clip = fake[i, 0, : int(lengths[i])].float().clamp(-1, 1).cpu()
-                        exp.add_audio(f"val_audio/{i}", clip, self.global_step, sample_rate=SAMPLE_RATE)
+        if batch_idx == 0 and k > 0 and self.trainer.is_global_zero:  # TensorBoard / wandb / .wav files
+            from flexitrain.utils.media_log import log_media
+
+            clips = {f"val_audio/{i}": fake[i, 0, : int(lengths[i])] for i in range(min(k, fake.shape[0]))}
+            log_media(self.trainer, audio=clips, sample_rate=SAMPLE_RATE)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._save_training_state(checkpoint)  # per-rank CPU + CUDA RNG states, the EMA

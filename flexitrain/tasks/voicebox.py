@@ -287,24 +287,59 @@ class VoiceboxTask(TrainingStateMixin, L.LightningModule):
         self.log_dict({f"val/{k}": logs[k] for k in ("loss", "diff_loss") if k in logs}, batch_size=bsz,
                       sync_dist=True)
         if batch_idx == 0:
-            self.log("val/sample_mel_l1", self.sample_distance(tg), batch_size=1, sync_dist=True, prog_bar=True)
+            distance, sample = self.sample_distance(tg, return_sample=True)
+            self.log("val/sample_mel_l1", distance, batch_size=1, sync_dist=True, prog_bar=True)
+            self._log_sample(sample, tg["mel"][0])
+
+    def _log_sample(self, sample: Tensor | None, target: Tensor) -> None:
+        """The prompt-infilled first item of the first validation batch, every validation: its mel over the true
+        one as an image and, with ``validation.vocoder`` (a Vocos .ckpt / export / .safetensors), both as 24 kHz
+        audio; to TensorBoard / wandb, or files in the run directory (`flexitrain.utils.media_log`)."""
+        if sample is None or not int(self.val_cfg.get("num_samples", 1)) or not self.trainer.is_global_zero:
+            return
+        from flexitrain.utils.media_log import log_media, mel_image
+
+        target = target[: sample.shape[0]]
+        images = {"val_mel/sample_over_target": mel_image(torch.cat([target, sample], dim=1).T)}
+        audio = {}
+        vocoder = self._vocoder()
+        if vocoder is not None:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                for name, mel in (("sample", sample), ("target", target)):
+                    audio[f"val_audio/{name}"] = vocoder(mel.T[None].float())[0, 0]
+        log_media(self.trainer, audio=audio, sample_rate=24000, images=images)
+
+    def _vocoder(self) -> nn.Module | None:
+        path = self.val_cfg.get("vocoder")
+        if not path:
+            return None
+        if self._frozen.get("vocoder") is None:  # loaded once, kept out of the module tree and checkpoints
+            from flexitrain.tts.loading import load_vocoder
+
+            self._frozen["vocoder"] = load_vocoder(path).requires_grad_(False)
+        return self._frozen_module("vocoder")
 
     @torch.no_grad()
-    def sample_distance(self, tg: dict) -> Tensor:
-        """Prompt-infill the first item (its first `prompt_ratio` kept) and return the L1 to its true mel."""
+    def sample_distance(self, tg: dict, return_sample: bool = False):
+        """Prompt-infill the first item (its first `prompt_ratio` kept) and return the L1 to its true mel (and,
+        with ``return_sample``, the infilled mel ``[T, mel_dim]``: prompt + generated, or None)."""
         n = int(tg["x_mask"][0].sum())
         codes = tg["codes"][:1, : n // self.nar.config.cond_scale_factor]
         T = codes.shape[1] * self.nar.config.cond_scale_factor
         target = tg["mel"][:1, :T]
         n_prompt = max(1, int(T * float(self.val_cfg["prompt_ratio"])))
         if T - n_prompt < 1:
-            return torch.zeros((), device=self.device)
+            zero = torch.zeros((), device=self.device)
+            return (zero, None) if return_sample else zero
         cond = self.nar.voicebox_model.embed_codes(codes)
         out = sample_mel(self.nar.voicebox_model, cond, target[:, :n_prompt],
                          n_timesteps=int(self.val_cfg["n_timesteps"]),
                          cfg=float(self.val_cfg["cfg"]), rescale_cfg=float(self.val_cfg["rescale_cfg"]),
                          seed=int(self.val_cfg["seed"]))
-        return (out - target[:, n_prompt:]).abs().mean()
+        distance = (out - target[:, n_prompt:]).abs().mean()
+        if return_sample:
+            return distance, torch.cat([target[:, :n_prompt], out.to(target.dtype)], dim=1)[0]
+        return distance
 
     # ---------------------------------------------------------------- checkpoint state
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -36,7 +36,9 @@ and located at the forward line that built the node (``trace_backward=True`` tur
 mode without NaN checks while active, so nodes remember their forward stack).
 
 Reads of CPU tensors from inside ``torch/optim`` (the ``step`` counters of non-capturable optimisers, which
-stay on the host on GPUs too) are not syncs; with ``cpu_as_device`` they are counted apart in ``host_only``.
+stay on the host on GPUs too) or under a function named in ``host_functions`` (default: Lightning's
+``on_before_batch_transfer`` hook, which sees the batch before it moves to the device) are not syncs; with
+``cpu_as_device`` they are counted apart in ``host_only``.
 
 On CUDA, ``CudaSyncDebug`` (or ``SyncCounter(cuda_sync_debug=True)``) additionally turns on
 ``torch.cuda.set_sync_debug_mode("warn")`` and records the "synchronizing CUDA operation" warnings with their
@@ -249,11 +251,13 @@ class SyncCounter:
     """
 
     def __init__(self, cpu_as_device: bool = True, roots: Iterable[str] | None = None,
-                 cuda_sync_debug: bool = False, trace_backward: bool = True):
+                 cuda_sync_debug: bool = False, trace_backward: bool = True,
+                 host_functions: Iterable[str] = ("on_before_batch_transfer",)):
         self.cpu_as_device = cpu_as_device
         self.roots = tuple(os.path.abspath(r) for r in (roots or (_PKG_DIR,)))
         self.cuda_sync_debug = cuda_sync_debug
         self.trace_backward = trace_backward
+        self.host_functions = frozenset(host_functions)
         self._anomaly = None
         self._lock = threading.Lock()
         self._suppress = 0
@@ -395,8 +399,9 @@ class SyncCounter:
         else:
             frames = _python_frames(3)
         location, stack, torch_block = _locate(frames, self.roots)
-        host_only = (device is not None and device.type == "cpu" and
-                     any(p.startswith(_OPTIM_DIR) for p in torch_block))
+        host_only = device is not None and device.type == "cpu" and (
+            any(p.startswith(_OPTIM_DIR) for p in torch_block)
+            or any(func in self.host_functions for _, _, func in frames))
         with self._lock:
             if host_only:  # an optimiser's step counter: a CPU tensor on GPUs too (non-capturable optimisers)
                 self.host_only[kind] += 1
