@@ -80,3 +80,44 @@ def test_ar_tts_demo_step(bench, capsys, tmp_path):
     assert set(result["flops"]["phases"]) == {"targets", "model"}
     assert result["flops"]["phases"]["model"] > 0
     assert result["flops"]["useful"] == result["flops"]["total"]  # no discriminator: nothing thrown away
+
+
+def _toy_gan_step(bench, freeze_d: bool):
+    """One GAN step of a conv G and D under FlopCounterMode + PhaseFlops (no Lightning): D step on the detached
+    fake, then the generator loss through D, with D's parameters frozen or not during the generator backward."""
+    import torch
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.generator = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv1d(4, 1, 3, padding=1))
+            self.discriminator = nn.Sequential(nn.Conv1d(1, 8, 5), nn.LeakyReLU(0.1), nn.Conv1d(8, 1, 3))
+
+        def backward(self, loss):
+            loss.backward()
+
+    torch.manual_seed(0)
+    task, x = Toy(), torch.randn(2, 1, 64)
+    fc = FlopCounterMode(display=False)
+    tracker = bench.PhaseFlops(task, "vocos", fc)
+    tracker.install()
+    with fc:
+        fake = task.generator(x)
+        task.backward(task.discriminator(fake.detach()).pow(2).mean() + (1 - task.discriminator(x)).pow(2).mean())
+        task.discriminator.requires_grad_(not freeze_d)
+        task.backward((1 - task.discriminator(fake)).pow(2).mean())
+    tracker.remove()
+    return fc.get_total_flops(), tracker
+
+
+def test_phase_flops_leave_out_thrown_away_d_weight_gradients(bench):
+    total, t = _toy_gan_step(bench, freeze_d=False)
+    assert sum(t.flops.values()) == total
+    # D's weight gradients in the generator backward: 2·B·Cout·Cin·K·Lout per conv (64 -> 60 -> 58 samples)
+    assert t.wasted == 2 * 2 * (8 * 1 * 5 * 60 + 1 * 8 * 3 * 58)
+    assert [b["kind"] for b in t.backwards] == ["D loss", "G loss"]
+    frozen_total, f = _toy_gan_step(bench, freeze_d=True)
+    assert f.wasted == 0 and total - frozen_total == t.wasted  # freezing D removes exactly those FLOPs
+    assert f.flops["d_step"] == t.flops["d_step"] and f.flops["generator"] == t.flops["generator"]

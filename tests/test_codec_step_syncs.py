@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from codec_fixtures import MICRO_MODEL, MICRO_TASK
+from test_codec_task import speechlike_batch
 from flexitrain.utils.config import compose
 from flexitrain.utils.dispatch_count import SyncCounter
 
@@ -65,17 +66,12 @@ class CountSteps(L.Callback):
 
 
 def speech_batch(batch: int, seconds: float, sr: int = 16000, seed: int = 0, ragged: bool = True) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    n = int(seconds * sr)
-    t = torch.arange(n) / sr
-    f0 = 110 + 80 * torch.rand(batch, 1, generator=g)
-    audio = 0.3 * torch.sin(2 * torch.pi * f0 * t) * (0.6 + 0.4 * torch.sin(2 * torch.pi * 3 * t))
-    audio = audio + 0.02 * torch.randn(batch, n, generator=g)
-    lengths = torch.full((batch,), n)
+    b = speechlike_batch(batch, seconds, sr, seed)
+    audio, lengths = b["audio"], b["lengths"]
     if ragged and batch > 1:  # the last item is shorter (its padding zeroed, as the collate does)
-        lengths[-1] = int(0.7 * n)
-        audio[-1, lengths[-1]:] = 0
-    return {"audio": audio[:, None].float(), "lengths": lengths}
+        lengths[-1] = int(0.7 * audio.shape[-1])
+        audio[-1, :, lengths[-1]:] = 0
+    return {"audio": audio, "lengths": lengths}
 
 
 class RecordLosses(L.Callback):

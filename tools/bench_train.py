@@ -544,7 +544,9 @@ class BenchCallback(L.Callback):
         if count_log_step:
             self.log_step = next(i for i in range(last + 1, last + 2 + log_every_n) if (i + 1) % log_every_n == 0)
             last = self.log_step
-        self.total = last + 1
+        # one more batch: every window runs from one step's start to the next one's (which includes loading and
+        # moving the next batch, as in a run), the last instrumented step's too
+        self.total = last + 2
         self.log_counter = None
         self.compile_on = compile_on
         self.host_marks: dict[int, float] = {}
@@ -735,9 +737,11 @@ def main(argv=None) -> dict:
     log_every = int(cfg.trainer.get("log_every_n_steps") or 50)
     bench = BenchCallback(kind, device, args.warmup, args.steps, compile_on, log_every, args.count_log_step)
     tkw = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "_target_"}
-    if str(tkw.get("strategy", "auto")) != "auto" or tkw.get("devices") not in (1, "1", None):
+    strategy = tkw.get("strategy", "auto")
+    strategy = strategy.get("_target_", strategy) if isinstance(strategy, dict) else strategy
+    if str(strategy) != "auto" or tkw.get("devices") not in (1, "1", None):
         notes.append(f"one device, strategy auto (the recipe's trainer: devices {tkw.get('devices')}, "
-                     f"strategy {tkw.get('strategy')}): no DDP gradient all-reduce in these figures")
+                     f"strategy {strategy}): no DDP gradient all-reduce in these figures")
     tkw.update(accelerator="gpu" if device.type == "cuda" else "cpu",
                devices=[device.index or 0] if device.type == "cuda" else 1, num_nodes=1, strategy="auto",
                precision=precision, max_steps=-1, max_epochs=1, min_steps=None, min_epochs=None,
