@@ -104,8 +104,8 @@ def test_per_part_ddp_matches_whole_module_ddp_and_reduces_each_part_in_its_own_
     assert sorted(la) == sorted(lb) and len(la) == STEPS, (la, lb)
     for step in la:  # same losses within float rounding (bit-identical here)
         assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(la[step], lb[step])), (step, la, lb)
-    wa = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    wb = torch.load(parts / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    wa = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    wb = torch.load(parts / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert list(wa) == list(wb)  # no `.module.` or other wrapper prefix
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7, msg=k)
