@@ -546,10 +546,7 @@ def test_resample_values_match_official(mel, key, src, orig, new):
     assert maxdiff(ours[:n], ref[:n]) <= bound(spec["tensors"][key])
 
 
-@pytest.mark.xfail(strict=True, reason="flexitrain.audio.resample returns round(T*new/orig) samples; torchaudio's "
-                                       "resample (what the official code calls) returns ceil(T*new/orig): one "
-                                       "sample fewer when T*new/orig has a fractional part < 0.5 (or = 0.5 with an "
-                                       "even integer part), e.g. 16298 samples 22050->16000: 11826 vs 11827")
+# torchaudio's resample (the official code's) returns ceil(T*new/orig) samples, e.g. 16298 at 22050->16000: 11827.
 def test_resample_length_matches_official(mel):
     from flexitrain.audio.resample import resample
 

@@ -1,6 +1,6 @@
 """Sample-rate conversion for waveforms ``[..., T]`` (torch in, torch out).
 
-Two backends with the same output length ``round(T * target / orig)``:
+Two backends with the same output length ``ceil(T * target / orig)`` (torchaudio's, as the official code):
 - ``"soxr"``: libsoxr (HQ) on the CPU; best quality, not differentiable.
 - ``"torch"``: Hann-windowed sinc (the torchaudio ``sinc_interp_hann`` kernel, width 6, rolloff 0.99) as a
   strided conv1d; runs on any device and is differentiable.
@@ -19,13 +19,14 @@ __all__ = ["resample", "resampled_length", "resample_lengths"]
 
 
 def resampled_length(num_samples: int, orig_sr: int, target_sr: int) -> int:
-    """Output length of :func:`resample` (nearest integer to ``T * target / orig``, as soxr)."""
-    return int(round(num_samples * target_sr / orig_sr))
+    """Output length of :func:`resample`: ``ceil(T * target / orig)`` in exact integer arithmetic, as
+    torchaudio's ``resample`` (what the official code calls) returns."""
+    return -(-int(num_samples) * int(target_sr) // int(orig_sr))
 
 
 def resample_lengths(lengths: torch.Tensor, orig_sr: int, target_sr: int) -> torch.Tensor:
-    """Valid lengths of a padded batch after :func:`resample`."""
-    return torch.round(lengths.double() * target_sr / orig_sr).long()
+    """Valid lengths of a padded batch after :func:`resample` (ceil, as `resampled_length`)."""
+    return -torch.div(-lengths.long() * int(target_sr), int(orig_sr), rounding_mode="floor")
 
 
 @lru_cache(maxsize=32)
@@ -62,7 +63,7 @@ def _resample_soxr(x: torch.Tensor, orig: int, new: int, out_len: int) -> torch.
 
 
 def resample(wav: torch.Tensor, orig_sr: int, target_sr: int, *, backend: str = "auto") -> torch.Tensor:
-    """Resample along the last axis. ``wav`` is ``[..., T]`` float; returns ``[..., round(T*target/orig)]``."""
+    """Resample along the last axis. ``wav`` is ``[..., T]`` float; returns ``[..., ceil(T*target/orig)]``."""
     if orig_sr <= 0 or target_sr <= 0 or int(orig_sr) != orig_sr or int(target_sr) != target_sr:
         raise ValueError(f"sample rates must be positive integers, got {orig_sr} -> {target_sr}")
     if not wav.is_floating_point():
