@@ -228,16 +228,21 @@ def test_gan_task_validates_and_exports_ema_weights_and_checkpoints_the_live_one
         check_task_checkpoint(resumed, ckpt, tmp_path / "val.ckpt")
 
 
+def _voicebox_batch() -> dict:
+    """Two 0.64-s tones with random semantic codes (a Voicebox training batch of the tiny config)."""
+    g = torch.Generator().manual_seed(0)
+    n = 10240
+    t = torch.arange(n) / 16000
+    return {"audio": (0.2 * torch.sin(2 * math.pi * 200 * t)).repeat(2, 1)[:, None],
+            "lengths": torch.tensor([n, n]), "semantic_codes": torch.randint(0, 64, (2, 8), generator=g)}
+
+
 def test_automatic_optimisation_tasks_average_once_per_optimizer_step():
     """AR-TTS and Voicebox (automatic optimisation): one EMA update per optimiser step, not per micro-batch."""
     from flexitrain.models.tts.voicebox import TINY_CONFIG
     from flexitrain.tasks.voicebox import VoiceboxTask
 
-    g = torch.Generator().manual_seed(0)
-    n = 10240
-    t = torch.arange(n) / 16000
-    batch = {"audio": (0.2 * torch.sin(2 * math.pi * 200 * t)).repeat(2, 1)[:, None],
-             "lengths": torch.tensor([n, n]), "semantic_codes": torch.randint(0, 64, (2, 8), generator=g)}
+    batch = _voicebox_batch()
     task = VoiceboxTask(model={**asdict(TINY_CONFIG), "use_repa": False}, use_repa=False,
                         ema={"decay": 0.9, "start_step": 0})
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -354,11 +359,7 @@ def test_voicebox_validation_logs_its_sample_as_image_and_audio(tmp_path):
 
     voc = _vocos_task()
     voc.export_model(str(tmp_path / "vocoder"))
-    g = torch.Generator().manual_seed(0)
-    n = 10240
-    t = torch.arange(n) / 16000
-    batch = {"audio": (0.2 * torch.sin(2 * math.pi * 200 * t)).repeat(2, 1)[:, None],
-             "lengths": torch.tensor([n, n]), "semantic_codes": torch.randint(0, 64, (2, 8), generator=g)}
+    batch = _voicebox_batch()
     task = VoiceboxTask(model={**asdict(TINY_CONFIG), "use_repa": False}, use_repa=False,
                         validation={"n_timesteps": 2, "vocoder": str(tmp_path / "vocoder")})
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -159,11 +159,14 @@ class BucketBatcher:
         self.capacity = [max(1, min(max_batch_size, budget_samples // u)) for u in self.upper]
         self.buckets: list[list[Item]] = [[] for _ in range(num_buckets)]
 
+    def _bucket(self, n: int) -> int:
+        return min(len(self.buckets) - 1, max(0, math.ceil(n / self.width) - 1))
+
     def add(self, item: Item) -> list[Item] | None:
         n = item.audio.shape[0]
         if n > self.max_samples:
             return [item]
-        b = min(len(self.buckets) - 1, max(0, math.ceil(n / self.width) - 1))
+        b = self._bucket(n)
         bucket = self.buckets[b]
         bucket.append(item)
         if len(bucket) >= self.capacity[b]:
@@ -178,7 +181,7 @@ class BucketBatcher:
         n = max(it.audio.shape[0] for it in items)
         if n > self.max_samples:
             return None
-        return self.upper[min(len(self.upper) - 1, max(0, math.ceil(n / self.width) - 1))]
+        return self.upper[self._bucket(n)]
 
     def flush(self):
         for b, bucket in enumerate(self.buckets):

@@ -11,7 +11,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from flexitrain.utils.freezing import frozen
 
 DiscOutputs = list[list[Tensor]]
 
@@ -47,14 +50,32 @@ def split_outputs(outputs: DiscOutputs, batch: int) -> tuple[DiscOutputs, DiscOu
     return first, second
 
 
+def discriminator_step_loss(discriminator: nn.Module, fake: Tensor, real: Tensor) -> Tensor:
+    """The D-step loss ``discriminator_loss(D(fake.detach()), D(real))`` from one D call on both halves.
+
+    The discriminators have no batch-coupled layers, so one call on ``cat([fake, real])`` gives the outputs of
+    two calls; the weight norms (parametrizations) are computed once for it instead of once per call."""
+    with parametrize.cached():
+        d_fake, d_real = split_outputs(discriminator(torch.cat([fake.detach(), real], 0)), fake.shape[0])
+    return discriminator_loss(d_fake, d_real)
+
+
 def generator_gan_terms(
     discriminator: Callable[[Tensor], DiscOutputs], fake: Tensor, real: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Generator-side GAN terms ``(adv, feat)``: D runs on ``fake`` with gradients, on ``real`` without.
 
-    Callers freeze the discriminator's parameters around this call (`flexitrain.tasks.freezing.frozen`): its
-    weight gradients from the generator loss belong to no update.
+    A discriminator module is frozen for the call (gradients flow through it to the generator, but its own
+    weight gradients would belong to no update: computing them would only waste the work) and its weight norms
+    are computed once for both calls.
     """
+    if not isinstance(discriminator, nn.Module):
+        return _generator_gan_terms(discriminator, fake, real)
+    with frozen(discriminator), parametrize.cached():
+        return _generator_gan_terms(discriminator, fake, real)
+
+
+def _generator_gan_terms(discriminator, fake: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
     d_fake = discriminator(fake)
     with torch.no_grad():
         d_real = discriminator(real)

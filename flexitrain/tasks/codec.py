@@ -17,9 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from flexitrain.losses.adversarial import discriminator_loss, generator_gan_terms, split_outputs
+from flexitrain.losses.adversarial import discriminator_step_loss, generator_gan_terms
 from flexitrain.losses import build_repa_mlp, si_sdr
 from flexitrain.losses.masking import lengths_to_mask, masked_mse
 from flexitrain.losses.mel import MultiScaleMelLoss
@@ -28,7 +27,6 @@ from flexitrain.models.codec.layers import clear_folded_weights
 from flexitrain.models.discriminators import CodecDiscriminator
 from flexitrain.tasks.checkpointing import load_weights_strict
 from flexitrain.tasks.compiling import codec_compile_targets, compile_modules, compile_options
-from flexitrain.tasks.freezing import frozen
 from flexitrain.tasks.guards import NonFiniteStepGuard
 from flexitrain.tasks.schedules import lr_lambda
 from flexitrain.tasks.training_state import TrainingStateMixin
@@ -251,11 +249,7 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
 
         terms, out, fake, real = self.generator_losses(batch, threshold, bypass)
         if gan_on and gen_step % self.disc_every == 0:
-            # Fake and real in one D call (D has no batch-coupled layers, so the outputs are those of two calls);
-            # weight norms computed once for the call.
-            with parametrize.cached():
-                d_fake, d_real = split_outputs(self.discriminator(torch.cat([fake.detach(), real], 0)), fake.shape[0])
-            loss_d = discriminator_loss(d_fake, d_real)
+            loss_d = discriminator_step_loss(self.discriminator, fake, real)  # fake and real in one D call
             self.manual_backward(loss_d / self.accumulate)
             if last_micro:
                 norm_d = self._clip(self.discriminator.parameters())
@@ -264,10 +258,8 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
                 opt_d.zero_grad(set_to_none=True)
             logs["loss_d"] = loss_d.detach()
         if gan_on:
-            # D is frozen for the generator pass: its weight gradients would be computed only to be thrown away
-            # (about a tenth of the step's FLOPs at the released size); gradients still flow through it to G.
-            with frozen(self.discriminator), parametrize.cached():
-                terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
+            # D frozen inside: its weight gradients from the generator loss would belong to no update.
+            terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
         loss_g, term_logs = combine_losses(terms, self.loss_weights)
         self.manual_backward(loss_g / self.accumulate)
         if last_micro:

@@ -16,17 +16,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.nn.utils import parametrize
 
 from flexitrain.audio.mel24k import SAMPLE_RATE, mel24k
 from flexitrain.audio.resample import resample, resample_lengths
-from flexitrain.losses.adversarial import discriminator_loss, generator_gan_terms, split_outputs
+from flexitrain.losses.adversarial import discriminator_step_loss, generator_gan_terms
 from flexitrain.losses.masking import lengths_to_mask
 from flexitrain.losses.mel import MultiScaleMelLoss
 from flexitrain.losses.weights import combine_losses, resolve_loss_weights
 from flexitrain.models.discriminators import CodecDiscriminator
 from flexitrain.models.vocos import Vocos
-from flexitrain.tasks.freezing import frozen
 from flexitrain.tasks.guards import NonFiniteStepGuard
 from flexitrain.tasks.schedules import lr_lambda
 from flexitrain.tasks.training_state import TrainingStateMixin
@@ -109,9 +107,7 @@ class VocosTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         bsz = fake.shape[0]
         logs: dict[str, Tensor] = {}
         if gan_on:
-            with parametrize.cached():  # fake and real in one D call, weight norms computed once
-                d_fake, d_real = split_outputs(self.discriminator(torch.cat([fake.detach(), real], 0)), bsz)
-            loss_d = discriminator_loss(d_fake, d_real)
+            loss_d = discriminator_step_loss(self.discriminator, fake, real)  # fake and real in one D call
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(loss_d)
             logs["grad_norm_d"] = norm_d = self._clip(self.discriminator.parameters())
@@ -120,8 +116,8 @@ class VocosTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
             logs["loss_d"] = loss_d.detach()
         terms = {"mel": self.mel_loss(fake, real, lengths)}
         if gan_on:
-            with frozen(self.discriminator), parametrize.cached():  # no D weight gradients in the G pass
-                terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
+            # D frozen inside: its weight gradients from the generator loss would belong to no update.
+            terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
         loss_g, term_logs = combine_losses(terms, self.loss_weights)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)

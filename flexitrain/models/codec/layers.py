@@ -119,8 +119,7 @@ class WNConvTranspose1d(_WeightNormMixin, nn.Module):
 
 def _snake_fp32(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """The Snake formula computed in fp32 and returned in ``x``'s dtype (one fused kernel once compiled)."""
-    xf, af = x.float(), alpha.float()
-    return (xf + (af + 1e-9).reciprocal() * torch.sin(af * xf).pow(2)).to(x.dtype)
+    return _snake_formula(x.float(), alpha.float()).to(x.dtype)
 
 
 # FLEXITRAIN_FUSED_SNAKE=0 switches the fused GPU Snake off without a code change (e.g. where inductor is absent).
