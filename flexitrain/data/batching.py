@@ -59,7 +59,10 @@ class SlotPool:
         if worker >= self.workers or numel > self.capacity:
             return None
         free = self.free[worker].numpy()
-        idx = np.flatnonzero(free)
+        # Scan a snapshot: the main process frees slots (0 -> 1) concurrently, and numpy's nonzero
+        # raises if the count changes while it runs.  Only this worker ever takes a slot of its row
+        # (1 -> 0), so a slot seen free in the snapshot is still free.
+        idx = np.flatnonzero(free.copy())
         if idx.size == 0:
             return None
         slot = int(idx[0])
