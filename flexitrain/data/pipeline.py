@@ -38,6 +38,7 @@ from .batching import BucketBatcher, Item, SlotPool, collate, finalize_batch, pl
 from .decode import AUDIO_KEYS, DecodeConfig, decode_audio, parse_meta
 from .stats import DataStats, NullStats
 from .teacher_features import SidecarReader, crop_features
+from .worker_exit import track_workers
 
 log = logging.getLogger(__name__)
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, ... (not C:\ style paths on Linux)
@@ -323,7 +324,9 @@ class AudioLoader(DataLoader):
         if pool is not None:
             pool.reset()  # slots of an abandoned earlier pass
         pin = self.pin_memory and torch.cuda.is_available()
-        batches = (finalize_batch(batch, pool, pin) for batch in super().__iter__())
+        workers = super().__iter__()
+        track_workers(workers)  # stopped at interpreter exit if still running (they ignore SIGTERM)
+        batches = (finalize_batch(batch, pool, pin) for batch in workers)
         skip = self._skip_fn() if self._skip_fn is not None else 0
         if skip >= self._epoch_len():
             skip = 0  # the checkpoint closed its epoch: this pass is the next epoch, from its start
