@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from flexitrain.models.tts.ar_tts import ARTTSModel
 from flexitrain.models.tts.sampling import SamplingConfig, generate
 from flexitrain.tasks.ar_tts import ARTTSTask
 from flexitrain.tasks.ar_tts_data import ARTTSDataset, codec_targets
@@ -201,3 +202,20 @@ def test_lightning_fit_and_resume(tmp_path, one_thread):
     assert sum(k.startswith("val/sample_tokens_per_second_") for k in trainer.callback_metrics) == 2
     trainer2, task2 = fit(3, str(tmp_path / "a.ckpt"))
     assert trainer2.global_step == 3 and task2.ema.num_updates == 3
+
+
+def test_batches_are_checked_on_the_host_and_not_in_the_step():
+    """The task checks text ids and pre-extracted targets before the batch moves (free on the host); the model's
+    own checks, a device sync each on a GPU, are off in the task and on for direct use."""
+    task = ARTTSTask(MODEL, targets={"source": "shards", "thresholds": [0.91]})
+    assert not task.model.checks_in_forward and ARTTSModel(**MODEL).checks_in_forward
+    batch = {"text": torch.tensor([[3, 4, 5]]), "text_lengths": torch.tensor([3]),
+             "speech/0.91": torch.tensor([[1, 2, 0]]), "speech_lengths/0.91": torch.tensor([2]),
+             "durations/0.91": torch.tensor([[1, 10, 0]])}
+    with pytest.raises(ValueError, match=r"durations of valid tokens must lie in \[1, 9\], got \[1, 10\]"):
+        task.on_before_batch_transfer(batch, 0)
+    batch["durations/0.91"][0, 1] = 2
+    assert task.on_before_batch_transfer(batch, 0) is batch
+    batch["text"][0, 0] = MODEL["text_token_size"]
+    with pytest.raises(ValueError, match="text ids must lie in"):
+        task.on_before_batch_transfer(batch, 0)

@@ -80,6 +80,17 @@ def test_ar_tts_demo_step(bench, capsys, tmp_path):
     assert set(result["flops"]["phases"]) == {"targets", "model"}
     assert result["flops"]["phases"]["model"] > 0
     assert result["flops"]["useful"] == result["flops"]["total"]  # no discriminator: nothing thrown away
+    # No host sync: range checks on the host batch, gathers instead of boolean indexing, logging without .item().
+    assert int(m["syncs"]) == 0, result["sync_events"]
+
+
+def test_voicebox_demo_step(bench, capsys, tmp_path):
+    """On-the-fly targets (frozen random codec + teacher) and the flow-matching step, with no host sync."""
+    result, m, _ = _run(bench, capsys, tmp_path, ["--task", "voicebox", "--recipe", "nar_voicebox_demo", *TINY,
+                                                  "--seconds", "0.5"])
+    _check_flops(result, m)
+    assert result["task"] == "voicebox"
+    assert int(m["syncs"]) == 0, result["sync_events"]
 
 
 def _toy_gan_step(bench, freeze_d: bool):

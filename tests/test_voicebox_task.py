@@ -41,8 +41,8 @@ def test_expand_token_codes():
     assert expand_token_codes(codes, lengths, 5).tolist() == [[3, 4, 4, 5, 0], [7, 7, 7, 8, 0]]
 
 
-def test_on_the_fly_codec_targets():
-    task = VoiceboxTask(
+def on_the_fly_task() -> VoiceboxTask:
+    return VoiceboxTask(
         model={**asdict(TINY_CONFIG), "cond_codebook_size": 32768, "ssl_feature_dim": 512,
                "repa_projection_dim": 512},
         codec={"model": {"_target_": "flexitrain.models.codec.FlexiCodec", "sample_rate": 16000, "encoder_dim": 16,
@@ -56,6 +56,10 @@ def test_on_the_fly_codec_targets():
                          "decoder_dim": 64, "max_tokens_per_group": 8, "similarity_threshold": 0.91},
                "random_init": True},
         teacher={"random_init": True, "num_blocks": 1})
+
+
+def test_on_the_fly_codec_targets():
+    task = on_the_fly_task()
     batch = harmonic_batch((N, N, 16000, 12800))
     del batch["semantic_codes"], batch["semantic_repr"]
     tg = task.targets(batch, 0.91)
@@ -136,3 +140,34 @@ def test_hparams_from_hydra_configs_load_weights_only(tmp_path):
     task = VoiceboxTask(model=cfg.model, thresholds=cfg.thresholds, optimizer=cfg.optimizer)
     torch.save({"hyper_parameters": dict(task.hparams)}, tmp_path / "h.ckpt")
     assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["thresholds"] == [0.91, 0.86]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.91, 1.0])
+def test_on_the_fly_codes_equal_expanded_encode_codes(threshold):
+    """The sync-free frame codes (static group axis, no host reads) equal the inference path's: encode, then
+    each token's code copied to its frames."""
+    task = on_the_fly_task()
+    codec, teacher = task._frozen["codec"], task._frozen["teacher"]
+    batch = harmonic_batch((N, N, 16000, 12800))
+    audio, lengths = batch["audio"], batch["lengths"]
+    feats, feat_lens = teacher(audio[:, 0], lengths)
+    tokens = codec.encode(audio, lengths, threshold=threshold, num_quantizers=1, semantic_features=feats,
+                          semantic_lengths=feat_lens)
+    got = task._codec_targets(audio, lengths, threshold)[0]
+    want = expand_token_codes(tokens.semantic_codes, tokens.token_lengths, got.shape[1])
+    assert torch.equal(got, want)
+    assert (tokens.num_tokens < tokens.token_lengths.sum(1)).any() or threshold == 1.0  # merges happened
+
+
+def test_batches_are_checked_on_the_host():
+    task = on_the_fly_task()
+    short = harmonic_batch((N, N, 16000, 300))
+    del short["semantic_codes"]
+    with pytest.raises(ValueError, match=r"batch lengths must lie in \[400, 20480\]"):
+        task.on_before_batch_transfer(short, 0)
+    plain = VoiceboxTask(model=asdict(TINY_CONFIG))
+    bad = harmonic_batch()
+    bad["semantic_codes"][0, 3] = 5000
+    with pytest.raises(ValueError, match=r"semantic_codes must lie in \[0, 1024\)"):
+        plain.on_before_batch_transfer(bad, 0)
+    assert plain.on_before_batch_transfer(harmonic_batch(), 0)["lengths"].tolist() == [N] * B

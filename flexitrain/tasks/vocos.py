@@ -127,7 +127,6 @@ class VocosTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         logs.update({f"loss_{k}" if k != "total" else "loss_g": v for k, v in term_logs.items()})
         logs["skipped_steps"] = self.skipped_steps.float()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bsz)
-        self.log("loss_mel", term_logs["mel"], prog_bar=True, logger=False, batch_size=bsz)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch.get("duplicate"):

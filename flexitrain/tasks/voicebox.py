@@ -31,6 +31,7 @@ from flexitrain.models.tts.flow_sampling import sample_mel
 from flexitrain.models.tts.voicebox import VoiceboxNAR
 from flexitrain.tasks.schedules import lr_lambda
 from flexitrain.tasks.training_state import TrainingStateMixin
+from flexitrain.utils.dispatch_count import host_random
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def flow_matching_loss(nar: VoiceboxNAR, mel: Tensor, x_mask: Tensor, codes: Ten
     B, device = x.shape[0], x.device
     t = sample_flow_time(B, time_scheduler, generator).to(device)
     z = torch.randn(x.shape, generator=generator).to(device, x.dtype)
-    if torch.rand(1, generator=generator).item() > cond_drop_prob:
+    if host_random(generator) > cond_drop_prob:
         low, high = prompt_range(T, prompt_max_ratio)
         prompt_len = torch.randint(low, high, (B,), generator=generator).to(device)
     else:  # the unconditional branch of classifier-free guidance: no prompt and no tokens
@@ -150,6 +151,7 @@ class VoiceboxTask(TrainingStateMixin, L.LightningModule):
         optimizer, scheduler, validation, ema = _plain(optimizer), _plain(scheduler), _plain(validation), _plain(ema)
         self.save_hyperparameters()
         self.nar = instantiate(model) if "_target_" in model else VoiceboxNAR(**model)
+        self.nar.voicebox_model.checks_in_forward = False  # check_batch + the codebook check in _build_codec
         self.use_repa = bool(use_repa)
         if self.use_repa and self.nar.repa_projection is None:
             raise ValueError("task.use_repa=true needs a model built with use_repa=true")
@@ -212,7 +214,7 @@ class VoiceboxTask(TrainingStateMixin, L.LightningModule):
     def configure_optimizers(self):
         oc, sc = self.optim_cfg, self.sched_cfg
         opt = torch.optim.AdamW(self.nar.parameters(), lr=oc["lr"], betas=tuple(oc["betas"]),
-                                weight_decay=oc["weight_decay"])
+                                weight_decay=oc["weight_decay"], fused=True)  # one kernel per group, not ~4 per parameter
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(sc))  # task.scheduler.name (default cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -254,14 +256,39 @@ class VoiceboxTask(TrainingStateMixin, L.LightningModule):
         if self.sample_rate != codec.sample_rate:
             audio = resample(audio, self.sample_rate, codec.sample_rate, backend="torch")
             lengths = resample_lengths(lengths, self.sample_rate, codec.sample_rate).clamp(max=audio.shape[-1])
-        feats, feat_lens = teacher(audio[:, 0], lengths)
-        tokens = codec.encode(audio, lengths, sample_rate=codec.sample_rate, threshold=threshold,
-                              num_quantizers=1, semantic_features=feats, semantic_lengths=feat_lens)
-        if tokens.semantic_codes.dim() != 2:
+        # Lengths were checked on the host (check_batch): neither the teacher nor the codec reads them back.
+        feats, feat_lens = teacher(audio[:, 0], lengths, lengths_checked=True)
+        codes = codec.frame_semantic_codes(audio, lengths, feats, feat_lens, threshold)  # [B, C, T]: no host sync
+        if codes.shape[1] != 1:
             raise ValueError("the NAR needs a single-codebook semantic FSQ")
         feats12, _ = downsample_features_per_item(feats.float(), feat_lens, codec.semantic_downsample_factor)
-        codes = expand_token_codes(tokens.semantic_codes, tokens.token_lengths, feats12.shape[-1])
+        t12 = feats12.shape[-1]  # the condition covers the teacher's 12.5 Hz frames (0 past each item's tokens)
+        codes = F.pad(codes[:, 0], (0, max(0, t12 - codes.shape[-1])))[:, :t12]
         return codes, feats12
+
+    def check_batch(self, batch) -> None:
+        """Host-side checks before the batch moves to the device, so that the step reads nothing back: audio
+        lengths long enough for one teacher frame (on-the-fly targets), pre-extracted codes in range."""
+        if not isinstance(batch, dict) or "audio" not in batch or "lengths" not in batch:
+            return
+        lengths, n = torch.as_tensor(batch["lengths"]), batch["audio"].shape[-1]
+        codec, teacher = self._frozen["codec"], self._frozen["teacher"]
+        if "semantic_codes" not in batch and codec is not None and teacher is not None and lengths.numel():
+            from flexitrain.tasks.teacher import teacher_min_samples
+
+            lo = math.ceil(teacher_min_samples(teacher) * self.sample_rate / codec.sample_rate)
+            if int(lengths.min()) < lo or int(lengths.max()) > n:
+                raise ValueError(f"batch lengths must lie in [{lo}, {n}] samples (one 25-ms teacher frame, the "
+                                 f"padded width; raise data.min_duration to drop shorter clips), got {lengths.tolist()}")
+        codes = batch.get("semantic_codes")
+        size = self.nar.config.cond_codebook_size
+        if codes is not None and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
+            raise ValueError(f"batch semantic_codes must lie in [0, {size}), got [{int(codes.min())}, "
+                             f"{int(codes.max())}]: wrong codec / codebook size?")
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        self.check_batch(batch)  # still on the host here
+        return batch
 
     # ---------------------------------------------------------------- steps
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -273,7 +300,6 @@ class VoiceboxTask(TrainingStateMixin, L.LightningModule):
         scalars = {k: v for k, v in logs.items() if k in ("loss", "diff_loss", "repa_loss", "prompt_len_mean")}
         scalars["threshold"] = torch.tensor(threshold)
         self.log_dict({f"train/{k}": v for k, v in scalars.items()}, batch_size=bsz)
-        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=bsz)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

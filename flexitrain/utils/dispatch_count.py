@@ -37,7 +37,8 @@ mode without NaN checks while active, so nodes remember their forward stack).
 
 Reads of CPU tensors from inside ``torch/optim`` (the ``step`` counters of non-capturable optimisers, which
 stay on the host on GPUs too) or under a function named in ``host_functions`` (default: Lightning's
-``on_before_batch_transfer`` hook, which sees the batch before it moves to the device) are not syncs; with
+``on_before_batch_transfer`` hook, which sees the batch before it moves to the device, and `host_random`,
+a draw from a CPU generator) are not syncs; with
 ``cpu_as_device`` they are counted apart in ``host_only``.
 
 On CUDA, ``CudaSyncDebug`` (or ``SyncCounter(cuda_sync_debug=True)``) additionally turns on
@@ -81,6 +82,13 @@ def _packet_names(*names: str) -> set:
 
 # Syncs by their aten op (overload packets).
 _SCALAR_OPS = _packet_names("_local_scalar_dense", "is_nonzero", "equal", "item")
+
+def host_random(generator: torch.Generator | None = None) -> float:
+    """One U[0, 1) draw from a CPU generator (or the global CPU RNG), as a Python float. Reading a host tensor
+    waits for no device; naming this function in `SyncCounter.host_functions` tells the counter so on a CPU
+    run, where it cannot see which tensors would live on the host on a GPU."""
+    return torch.rand(1, generator=generator).item()
+
 # Output shape depends on the values: the host must read a count back before it can allocate.
 _DATA_DEPENDENT_OPS = _packet_names(
     "nonzero", "argwhere", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
@@ -252,7 +260,7 @@ class SyncCounter:
 
     def __init__(self, cpu_as_device: bool = True, roots: Iterable[str] | None = None,
                  cuda_sync_debug: bool = False, trace_backward: bool = True,
-                 host_functions: Iterable[str] = ("on_before_batch_transfer",)):
+                 host_functions: Iterable[str] = ("on_before_batch_transfer", "host_random")):
         self.cpu_as_device = cpu_as_device
         self.roots = tuple(os.path.abspath(r) for r in (roots or (_PKG_DIR,)))
         self.cuda_sync_debug = cuda_sync_debug

@@ -60,6 +60,31 @@ class CodecTokens:
     sample_rate: int  # sample rate of the input waveform (decode returns audio at this rate)
     frame_rate: torch.Tensor  # [B] float tokens per second of input audio
     bitrate: torch.Tensor  # [B] float bits/s of the codes (FSQ bits + RVQ bits per token; durations excluded)
+    alignment: Optional["TokenAlignment"] = None  # only with ``encode(..., return_alignment=True)``
+
+
+@dataclass
+class TokenAlignment:
+    """How :meth:`FlexiCodec.encode` merged 12.5 Hz frames into tokens (``return_alignment=True``).
+
+    Token g of item b covers frames ``[token_starts[b, g], token_starts[b, g] + token_lengths[b, g])``; the valid
+    tokens (``g < num_tokens[b]``) tile ``[0, num_frames[b])``. Padding tokens are empty spans at ``num_frames``.
+    Merge rule: frame t > 0 starts a token iff ``similarity[b, t-1] <= threshold[b]``, or the
+    ``max_tokens_per_group`` cap cuts the run (every cap frames from the run's first frame).
+    """
+
+    token_starts: torch.Tensor  # [B, G] int64 first frame of each token
+    token_lengths: torch.Tensor  # [B, G] int64 frames per token (0 = padding), same as CodecTokens.token_lengths
+    similarity: torch.Tensor  # [B, T-1] float cosine similarity of frames t-1 and t (0 where either is padding)
+    threshold: torch.Tensor  # [B] float τ the merge used (2.0 for fixed-rate models: every frame is a token)
+    num_frames: torch.Tensor  # [B] int64 valid frames per item
+    max_tokens_per_group: Optional[int]  # run-length cap (None: no cap)
+    frame_rate: float  # frames per second of the frame grid (12.5 for the release)
+
+    def spans(self, b: int) -> list[tuple[int, int]]:
+        """``(start frame, length)`` of item ``b``'s valid tokens, in order (for plotting)."""
+        valid = self.token_lengths[b] > 0
+        return list(zip(self.token_starts[b][valid].tolist(), self.token_lengths[b][valid].tolist()))
 
 
 @dataclass
@@ -429,6 +454,31 @@ class FlexiCodec(nn.Module):
             x = layer(x)
         return x
 
+    @torch.no_grad()
+    def frame_semantic_codes(self, audio: torch.Tensor, lengths: torch.Tensor, semantic_features: torch.Tensor,
+                             semantic_lengths: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+        """Each 12.5 Hz frame's semantic code, i.e. the code of the token the frame was merged into: ``[B, C, T]``
+        (0 past each item's frames). What a frame-rate consumer needs (the Voicebox NAR's condition), and equal
+        to expanding ``encode``'s codes by their token lengths, but with nothing read back to the host (no device
+        sync), for training-time targets: the group axis is static (T entries, as in `forward`), and the lengths
+        must already be known valid (codec-rate audio ``[B, 1, N]``, lengths in [one teacher frame, N])."""
+        audio = _as_batch_audio(audio)
+        acoustic, semantic, frame_lengths = self.encode_frames(audio, semantic_features, lengths, semantic_lengths,
+                                                               True, host_checks=False)
+        tau = self._threshold(threshold, audio.shape[0], audio.device)
+        grouping = self.group(semantic, tau, frame_lengths, True, static_groups=True)
+        if not self.use_similarity_alignment:
+            tokens = semantic
+        elif self.use_query_token_aggregator:  # only the semantic stream: the acoustic one is not needed here
+            tokens = self.semantic_aggregator(semantic, grouping.alignment, grouping.num_groups, True)
+        else:
+            tokens = mean_pool(semantic, grouping.alignment)
+        mask = grouping.group_mask.unsqueeze(1).to(tokens.dtype)
+        x = self._run_convnext(self.convnext_encoder, tokens, mask)
+        with _no_autocast(x):
+            _, codes = self.semantic_vq(x.float())
+        return expand_groups(codes.long(), grouping.frame_to_group)
+
     def semantic_branch(self, semantic_tokens: torch.Tensor, group_mask: torch.Tensor | None = None):
         """ConvNeXt encoder → FSQ → ConvNeXt decoder: ``(codes [B, C, G] int32, quantised, decoded [B, latent, G])``."""
         mask = None if group_mask is None else group_mask.unsqueeze(1).to(semantic_tokens.dtype)
@@ -467,7 +517,7 @@ class FlexiCodec(nn.Module):
     def encode(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate: int = 16000,
                threshold: float | torch.Tensor = 0.91, num_quantizers: int | None = 8,
                semantic_features: torch.Tensor | None = None, semantic_lengths: torch.Tensor | None = None,
-               use_padding_mask: bool = True) -> CodecTokens:
+               use_padding_mask: bool = True, return_alignment: bool = False) -> CodecTokens:
         """Encode audio into tokens.
 
         wav: ``[N]``, ``[B, N]`` or ``[B, 1, N]`` at ``sample_rate`` (resampled to the codec rate);
@@ -478,6 +528,8 @@ class FlexiCodec(nn.Module):
         ``semantic_teacher`` is run); semantic_lengths: their valid lengths (default with ``lengths``:
         the SenseVoice frame count of each item, ceil((1 + (N16 - 400) // 160) / 6)).
         use_padding_mask=False reproduces the official (unmasked) computation.
+        return_alignment: also return the merge (``tokens.alignment``, a :class:`TokenAlignment`: each token's
+        frame span and the neighbour similarities compared with τ), e.g. to draw it.
         """
         audio = _as_batch_audio(wav)
         B, _, N = audio.shape
@@ -523,8 +575,61 @@ class FlexiCodec(nn.Module):
         frame_rate = (num_tokens.double() / duration).float()
         bits = math.log2(self.semantic_vq.codebook_size) * self.semantic_vq.fsq.num_codebooks
         bits += n_acoustic * math.log2(self.dac.quantizer.codebook_size)
+        alignment = self._token_alignment(grouping, tau, token_lengths) if return_alignment else None
         return CodecTokens(semantic_codes, acoustic_codes, token_lengths, num_tokens, token_lengths.sum(1),
-                           in_lengths, int(sample_rate), frame_rate, frame_rate * bits)
+                           in_lengths, int(sample_rate), frame_rate, frame_rate * bits, alignment)
+
+    def _token_alignment(self, grouping: Grouping, tau: torch.Tensor, token_lengths: torch.Tensor) -> TokenAlignment:
+        """Spans and similarities of an ``encode`` merge. Starts come from the frame → token map (not from
+        ``token_lengths``), so the two descriptions of the merge can be checked against each other."""
+        f2g = grouping.frame_to_group
+        B, T = f2g.shape
+        G = token_lengths.shape[1]
+        num_frames = token_lengths.sum(1)
+        t = torch.arange(T, device=f2g.device).expand(B, T)
+        # Padded frames (-1 in masked mode, extra groups in the official mode) go to a dummy column G.
+        counted = (t < num_frames.unsqueeze(1)) & (f2g >= 0) & (f2g < grouping.num_groups.unsqueeze(1))
+        idx = torch.where(counted, f2g, torch.full_like(f2g, G))
+        starts = num_frames.unsqueeze(1).expand(B, G + 1).clone()  # empty tokens start at the item's end
+        starts = starts.scatter_reduce(1, idx, t, reduce="amin")[:, :G]
+        # Fixed-rate models split at every frame: `group` compares with τ = 2 (cos <= 2 always).
+        used_tau = tau if self.use_similarity_alignment else torch.full_like(tau, 2.0)
+        cap = self.max_tokens_per_group if self.use_similarity_alignment else None
+        return TokenAlignment(starts, token_lengths, grouping.similarity, used_tau, num_frames, cap, self.frame_rate)
+
+    def semantic_features(self, semantic_codes: torch.Tensor, token_lengths: torch.Tensor | None = None,
+                          expand: bool = False) -> torch.Tensor:
+        """Semantic token codes → the codec's semantic vectors (official ``get_semantic_feature``):
+        FSQ dequantisation → ConvNeXt decoder (skipped when ``decode_semantic_for_codec`` is False).
+
+        semantic_codes: ``[B, G]`` or ``[B, C, G]`` FSQ indices. Returns ``[B, latent_dim, G]`` (one vector per
+        token), or with ``expand=True`` ``[B, latent_dim, T]`` (each token copied to its ``token_lengths``
+        frames, as the decoder sees it; needs ``token_lengths``). Without ``token_lengths`` every token is valid
+        and the numbers are the official ones; with them, padding tokens (length 0) are masked out of the
+        ConvNeXt (a batched item gives what it gives alone) and zeroed.
+        """
+        if semantic_codes.dim() == 2:
+            semantic_codes = semantic_codes.unsqueeze(1)
+        if semantic_codes.dim() != 3:
+            raise ValueError(f"semantic_codes must be [B, G] or [B, C, G], got {tuple(semantic_codes.shape)}")
+        if expand and token_lengths is None:
+            raise ValueError("expand=True needs token_lengths (frames per token)")
+        mask = None
+        if token_lengths is not None:
+            token_lengths = torch.as_tensor(token_lengths, device=semantic_codes.device).long()
+            if token_lengths.shape != (semantic_codes.shape[0], semantic_codes.shape[-1]):
+                raise ValueError(f"token_lengths must be [B, G] = {(semantic_codes.shape[0], semantic_codes.shape[-1])}"
+                                 f", got {tuple(token_lengths.shape)}")
+            mask = (token_lengths > 0).unsqueeze(1)
+        features = self.semantic_vq.from_codes(semantic_codes.long())
+        if self.decode_semantic_for_codec:
+            conv_mask = None if mask is None else mask.to(features.dtype)
+            features = self._run_convnext(self.convnext_decoder, features, conv_mask)
+        if mask is not None:
+            features = features * mask
+        if expand:
+            features = expand_groups(features, frame_to_group_from_lengths(token_lengths))
+        return features
 
     def decode_codes(self, semantic_codes: torch.Tensor, acoustic_codes: torch.Tensor | None,
                      token_lengths: torch.Tensor, use_padding_mask: bool = True) -> torch.Tensor:

@@ -203,8 +203,11 @@ class CausalRelPosEncoder(nn.Module):
         return self.after_norm(x), new_cache
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, gamma: float = 2.0) -> torch.Tensor:
-    """Mean over targets of alpha * (1 - p_t)^gamma * CE (the official duration objective)."""
-    ce = F.cross_entropy(logits, targets, reduction="none")
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, gamma: float = 2.0,
+               ignore_index: int = -100) -> torch.Tensor:
+    """Mean over targets of alpha * (1 - p_t)^gamma * CE (the official duration objective); targets equal
+    to ``ignore_index`` count for nothing (their CE is 0, so p_t = 1 and the term vanishes)."""
+    ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)
     pt = torch.exp(-ce)
-    return (alpha * (1 - pt) ** gamma * ce).mean()
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return (alpha * (1 - pt) ** gamma * ce).sum() / count

@@ -35,13 +35,25 @@ class ARTTSOutput:
     duration_loss: torch.Tensor    # focal (or plain) CE over valid tokens
     accuracy: torch.Tensor         # next-token top-1 accuracy (incl. EOS)
     duration_accuracy: torch.Tensor
-    lm_input: torch.Tensor         # [B, N, D], padding rows = -1 (as the original pad_sequence)
+    lm_input: torch.Tensor         # [B, N, D], N = 3 + text.size(1) + speech.size(1); padding rows = -1
     lm_input_lengths: torch.Tensor  # [B] = 3 + L + T
     lm_output: torch.Tensor        # [B, N, D]
     text_encoder_out: torch.Tensor  # [B, L, D] before the affine layer
-    duration_logits: torch.Tensor  # [sum T, classes], item-major
-    token_logits: torch.Tensor     # [#targets, V+1] at the target positions, item-major
+    duration_logits_padded: torch.Tensor  # [B, T, classes] at the speech positions
+    speech_valid: torch.Tensor     # [B, T] bool: real tokens
+    token_logits_padded: torch.Tensor  # [B, T + 1, V + 1] at the target positions (s_2 .. s_T, EOS)
+    token_valid: torch.Tensor      # [B, T + 1] bool: real targets
     targets: torch.Tensor          # [B, N] with IGNORE_ID on text/padding
+
+    # Packed views (item-major, as the official code's): boolean indexing waits for the device, so
+    # the training step never asks for them; tests and analyses do.
+    @property
+    def duration_logits(self) -> torch.Tensor:  # [sum T, classes]
+        return self.duration_logits_padded[self.speech_valid]
+
+    @property
+    def token_logits(self) -> torch.Tensor:  # [#targets, V + 1]
+        return self.token_logits_padded[self.token_valid]
 
 
 class ARTTSModel(nn.Module):
@@ -116,14 +128,14 @@ class ARTTSModel(nn.Module):
             index = torch.tensor([self.framerate_index(float(f)) for f in framerate.tolist()], device=device)
         else:
             index = torch.full((batch,), self.framerate_index(float(framerate)), device=device)
-        one_hot = F.one_hot(index, len(self.framerate_options)).float()
+        # eye()[index] rather than F.one_hot, which checks the index range on the host (a device sync).
+        one_hot = torch.eye(len(self.framerate_options), device=device)[index]
         return self.framerate_embed_affine_layer(one_hot).unsqueeze(1)
 
     def encode_text(self, text: torch.Tensor, text_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, L] -> (encoder output before the affine layer, after it), both [B, L, D]."""
-        if text.numel() and (int(text.max()) >= self.text_embedding.num_embeddings or int(text.min()) < 0):
-            raise ValueError(f"text ids must lie in [0, {self.text_embedding.num_embeddings}), "
-                             f"got [{int(text.min())}, {int(text.max())}]")
+        if self.checks_in_forward and text.device.type == "cpu":  # on an accelerator the check would wait for it
+            self.check_text(text)
         encoded = self.text_encoder(self.text_embedding(text), text_lengths)
         return encoded, self.text_encoder_affine_layer(encoded)
 
@@ -134,8 +146,17 @@ class ARTTSModel(nn.Module):
             emb = emb + self.duration_embedding(previous_durations)
         return emb
 
-    def _check_targets(self, speech, speech_lengths, durations):
-        valid = torch.arange(speech.size(1), device=speech.device) < speech_lengths.unsqueeze(1)
+    # ---- input checks: free on host tensors, a device sync each on a GPU, so forward runs them on host inputs
+    # only; a training task turns them off (checks_in_forward) and runs check_inputs on the batch before transfer.
+    checks_in_forward = True
+
+    def check_text(self, text: torch.Tensor) -> None:
+        if text.numel() and (int(text.max()) >= self.text_embedding.num_embeddings or int(text.min()) < 0):
+            raise ValueError(f"text ids must lie in [0, {self.text_embedding.num_embeddings}), "
+                             f"got [{int(text.min())}, {int(text.max())}]")
+
+    def check_targets(self, speech: torch.Tensor, speech_lengths: torch.Tensor, durations: torch.Tensor) -> None:
+        valid = torch.arange(speech.size(1), device=speech.device) < speech_lengths.to(speech.device).unsqueeze(1)
         s, d = speech[valid], durations[valid]
         if s.numel() and (int(s.min()) < 0 or int(s.max()) >= self.speech_token_size):
             raise ValueError(f"speech tokens must lie in [0, {self.speech_token_size}), "
@@ -143,7 +164,10 @@ class ARTTSModel(nn.Module):
         if d.numel() and (int(d.min()) < 1 or int(d.max()) >= self.duration_classes):
             raise ValueError(f"durations of valid tokens must lie in [1, {self.duration_classes - 1}], "
                              f"got [{int(d.min())}, {int(d.max())}]")
-        return valid
+
+    def check_inputs(self, text, speech, speech_lengths, durations) -> None:
+        self.check_text(text)
+        self.check_targets(speech, speech_lengths, durations)
 
     # ---- teacher forcing ------------------------------------------------------------------------------------
     def forward(self, text: torch.Tensor, text_lengths: torch.Tensor, speech: torch.Tensor,
@@ -153,51 +177,59 @@ class ARTTSModel(nn.Module):
         ``framerate`` is the merging threshold of these targets (one for the batch or one per item)."""
         b, device = text.size(0), text.device
         text_lengths, speech_lengths = text_lengths.to(device), speech_lengths.to(device)
-        speech_valid = self._check_targets(speech, speech_lengths, durations)
-        text_valid = torch.arange(text.size(1), device=device) < text_lengths.unsqueeze(1)
+        if self.checks_in_forward and speech.device.type == "cpu":
+            self.check_targets(speech, speech_lengths, durations)
+        num_text, num_speech = text.size(1), speech.size(1)
+        speech_valid = torch.arange(num_speech, device=device) < speech_lengths.unsqueeze(1)
 
         text_out, text_emb = self.encode_text(text, text_lengths)
         previous = F.pad(durations[:, :-1], (1, 0)) * speech_valid  # d_{j-1}, 0 at j=1 and on padding
         speech_emb = self.speech_inputs(speech, previous)
 
-        # Scatter every piece to its position (no per-item loops).
+        # Gather every position's input from its piece: fixed shapes, no boolean indexing (which waits
+        # for the device to count), N = 3 + L + T from the padded sizes, not from the lengths' maximum.
         lengths = 3 + text_lengths + speech_lengths
-        n = int(lengths.max())
+        n = 3 + num_text + num_speech
         dtype = text_emb.dtype  # under autocast the pieces come in several dtypes: one for the sequence
-        lm_input = torch.full((b, n, self.llm_dim), float(IGNORE_ID), device=device, dtype=dtype)
-        rows = torch.arange(b, device=device).unsqueeze(1)
-        lm_input[:, 0] = self.llm_embedding.weight[SOS_EOS].to(dtype)
-        lm_input[:, 1] = self.framerate_slot(framerate, b, device)[:, 0].to(dtype)
-        text_pos = 2 + torch.arange(text.size(1), device=device).expand(b, -1)
-        lm_input[rows.expand_as(text_pos)[text_valid], text_pos[text_valid]] = text_emb[text_valid]
-        task_pos = 2 + text_lengths
-        lm_input[torch.arange(b, device=device), task_pos] = self.llm_embedding.weight[TASK_ID].to(dtype)
-        speech_pos = (task_pos + 1).unsqueeze(1) + torch.arange(speech.size(1), device=device)
-        speech_rows = rows.expand_as(speech_pos)[speech_valid]
-        lm_input[speech_rows, speech_pos[speech_valid]] = speech_emb[speech_valid].to(dtype)
+        pos = torch.arange(n, device=device).expand(b, n)
+        text_idx = pos - 2
+        speech_idx = pos - (3 + text_lengths).unsqueeze(1)
+        is_text = (text_idx >= 0) & (text_idx < text_lengths.unsqueeze(1))
+        is_speech = (speech_idx >= 0) & (speech_idx < speech_lengths.unsqueeze(1))
+        pad = torch.full((), float(IGNORE_ID), device=device, dtype=dtype)
+        lm_input = torch.where(is_text.unsqueeze(-1), _take(text_emb.to(dtype), text_idx), pad)
+        lm_input = torch.where(is_speech.unsqueeze(-1), _take(speech_emb.to(dtype), speech_idx), lm_input)
+        lm_input = torch.where((speech_idx == -1).unsqueeze(-1), self.llm_embedding.weight[TASK_ID].to(dtype), lm_input)
+        lm_input = torch.cat([self.llm_embedding.weight[SOS_EOS].to(dtype).expand(b, 1, -1),
+                              self.framerate_slot(framerate, b, device).to(dtype), lm_input[:, 2:]], dim=1)
 
         # Targets: s_{j+1} at the position of s_j (TASK predicts s_1), EOS after the last token.
-        targets = torch.full((b, n), IGNORE_ID, dtype=torch.long, device=device)
-        targets[speech_rows, speech_pos[speech_valid] - 1] = speech[speech_valid]
-        targets[torch.arange(b, device=device), task_pos + speech_lengths] = self.eos_id
+        target_idx = speech_idx + 1  # j for the position that predicts s_{j+1} (0-based)
+        targets = torch.where(target_idx < speech_lengths.unsqueeze(1), _take(speech, target_idx), self.eos_id)
+        targets = torch.where((target_idx >= 0) & (target_idx <= speech_lengths.unsqueeze(1)), targets, IGNORE_ID)
 
         lm_output = self.llm(lm_input, lengths)
-        target_mask = targets != IGNORE_ID
-        token_logits = self.llm_decoder(lm_output[target_mask])
-        token_targets = targets[target_mask]
-        token_loss = F.cross_entropy(token_logits, token_targets)
-        accuracy = (token_logits.argmax(-1) == token_targets).float().mean()
+        # The T + 1 positions that predict s_1 .. s_T, EOS, and the T that predict d_1 .. d_T, per item.
+        steps = torch.arange(num_speech + 1, device=device)
+        predict_pos = (2 + text_lengths).unsqueeze(1) + steps
+        token_valid = steps <= speech_lengths.unsqueeze(1)
+        token_logits = self.llm_decoder(_take(lm_output, predict_pos))
+        token_targets = torch.where(token_valid, _take(targets, predict_pos), IGNORE_ID)
+        token_loss = F.cross_entropy(token_logits.flatten(0, 1), token_targets.flatten(), ignore_index=IGNORE_ID)
+        accuracy = _masked_accuracy(token_logits, token_targets, token_valid)
 
-        duration_logits = self.duration_decoder(lm_output[speech_rows, speech_pos[speech_valid]])
-        duration_targets = durations[speech_valid]
+        duration_logits = self.duration_decoder(_take(lm_output, predict_pos[:, 1:]))
+        duration_targets = torch.where(speech_valid, durations, IGNORE_ID)
         if self.duration_loss_type == "focal":
-            duration_loss = focal_loss(duration_logits, duration_targets, self.focal_alpha, self.focal_gamma)
+            duration_loss = focal_loss(duration_logits.flatten(0, 1), duration_targets.flatten(), self.focal_alpha,
+                                       self.focal_gamma, ignore_index=IGNORE_ID)
         else:
-            duration_loss = F.cross_entropy(duration_logits, duration_targets)
-        duration_accuracy = (duration_logits.argmax(-1) == duration_targets).float().mean()
+            duration_loss = F.cross_entropy(duration_logits.flatten(0, 1), duration_targets.flatten(),
+                                            ignore_index=IGNORE_ID)
+        duration_accuracy = _masked_accuracy(duration_logits, duration_targets, speech_valid)
         return ARTTSOutput(token_loss + duration_loss, token_loss, duration_loss, accuracy.detach(),
                            duration_accuracy.detach(), lm_input, lengths, lm_output, text_out, duration_logits,
-                           token_logits, targets)
+                           speech_valid, token_logits, token_valid, targets)
 
     # ---- incremental decoding (used by sampling.py) ---------------------------------------------------------
     def decode_prefix(self, text: torch.Tensor, framerate: float | None, prompt_tokens: torch.Tensor | None = None,
@@ -225,6 +257,19 @@ class ARTTSModel(nn.Module):
         """Run new LM positions against the cache -> (hidden of the last position [B, D], new cache)."""
         out, cache = self.llm.forward_chunk(lm_input, cache)
         return out[:, -1], cache
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [B, N, ...] at per-row positions index [B, M] (clamped into range; callers mask) -> [B, M, ...]."""
+    index = index.clamp(0, max(values.size(1) - 1, 0))
+    if values.dim() == 2:
+        return values.gather(1, index)
+    return values.gather(1, index.unsqueeze(-1).expand(-1, -1, values.size(-1)))
+
+
+def _masked_accuracy(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    hits = (logits.argmax(-1) == targets) & valid
+    return hits.sum().float() / valid.sum().clamp(min=1).float()
 
 
 def released_config() -> dict:
