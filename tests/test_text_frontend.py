@@ -70,5 +70,26 @@ def test_phonemizer_languages_batch_and_cache():
     assert "ˈ" not in de + fr + en and "(" not in fr  # no stress marks, no language-switch flags
     again = ph.phonemize_batch(["Hello world."] * 3, "en")
     assert again == [en] * 3 and len(ph._cache) == 3
-    with pytest.raises(ValueError, match="no voice"):
+    with pytest.raises(ValueError, match="no reliable G2P for language 'xx-nonexistent'"):
         ph.phonemize("hello", "xx-nonexistent")
+
+
+@pytest.mark.parametrize("language, why", [("ja", "kanji read as 'Chinese letter'"),
+                                           ("ar", "vowels lost without diacritics"), ("th", "no voice mapped"),
+                                           ("yue", "not a whisper-99 language")])
+def test_languages_without_a_reliable_g2p_are_refused(language, why):
+    from flexitrain.text import SUPPORTED_LANGUAGES, Phonemizer
+
+    with pytest.raises(ValueError) as e:
+        Phonemizer().phonemize("text", language)
+    message = str(e.value)
+    assert f"no reliable G2P for language {language!r}" in message, why
+    assert all(code in message for code in SUPPORTED_LANGUAGES) and "g2p=False" in message
+
+
+def test_voice_mapping_keeps_regional_voices_and_routes_mandarin():
+    from flexitrain.text import Phonemizer
+
+    assert Phonemizer.voice_for("en") == "en-us" and Phonemizer.voice_for("EN") == "en-us"
+    assert Phonemizer.voice_for("en-gb") == "en-gb" and Phonemizer.voice_for("fr") == "fr-fr"
+    assert Phonemizer.voice_for("zh") == Phonemizer.voice_for("zh-CN") == Phonemizer.voice_for("zh_tw") == "zh"

@@ -19,6 +19,7 @@ class Item(NamedTuple):
     meta: dict
     offset: float  # crop start in seconds within the source utterance
     semantic: np.ndarray | None = None  # float32 [T, D] pre-extracted teacher frames of the crop (or None)
+    corpus: int = -1  # index of the item's corpus in a weighted mixture (data stats); -1: a single corpus
 
 
 def _text(meta: dict, name: str) -> str:
@@ -70,44 +71,61 @@ class SlotPool:
         return slot, self.data[worker, slot].numpy()[:numel]
 
     def release(self, batch: dict, pin_memory: bool = False) -> None:
-        """Main process: copy the batch out of its slot (into pinned memory if asked) and free the slot."""
-        worker, slot, b, t = batch.pop("_slot")
-        out = torch.empty((b, 1, t), dtype=torch.float32, pin_memory=pin_memory)
-        np.copyto(out.numpy().reshape(-1), self.data[worker, slot].numpy()[: b * t])
+        """Main process: copy the batch out of its slot (into pinned memory if asked) and free the slot.
+        A slot written with keep_clean holds the audio then the clean copy ("clean")."""
+        worker, slot, b, t, *copies = batch.pop("_slot")
+        data = self.data[worker, slot].numpy()
+        for i, name in enumerate(("audio", "clean")[: copies[0] if copies else 1]):
+            out = torch.empty((b, 1, t), dtype=torch.float32, pin_memory=pin_memory)
+            np.copyto(out.numpy().reshape(-1), data[i * b * t : (i + 1) * b * t])
+            batch[name] = out
         self.free[worker, slot] = 1
-        batch["audio"] = out
 
 
 def collate(items: list[Item], shared: bool | None = None, pool: SlotPool | None = None,
-            pad_to: int | None = None) -> dict:
+            pad_to: int | None = None, transform=None, keep_clean: bool = False) -> dict:
     """-> {"audio": float32 [B,1,T] (zero padding at the end), "lengths": int64 [B], "offsets":
     float32 [B] (crop start, seconds), "keys"/"texts"/"speakers"/"languages": list[str]}.
     In a DataLoader worker (shared=True) the audio goes into a `pool` slot when one is free, and
     lengths/offsets stay lists (every tensor sent costs a shared-memory segment, ~0.5 ms):
     `finalize_batch` completes such batches in the main process.
     Filled through numpy: torch's intra-op thread pool makes small copies slow on a busy CPU.
-    `pad_to`: pad T up to at least this (a bucket edge), so batch shapes repeat across steps."""
+    `pad_to`: pad T up to at least this (a bucket edge), so batch shapes repeat across steps.
+    `transform(audio [B,1,T] numpy, lengths)`: changes the audio in place (augmentation); with `keep_clean`
+    the batch also carries the audio from before it as "clean" [B,1,T] (the slot then holds both)."""
     if shared is None:
         shared = torch.utils.data.get_worker_info() is not None
     lengths = np.fromiter((it.audio.shape[0] for it in items), dtype=np.int64, count=len(items))
     b, t = len(items), int(lengths.max())
     if pad_to is not None:
         t = max(t, int(pad_to))
-    slot = None
+    copies = 2 if keep_clean else 1
+    slot, clean = None, None
     if shared and pool is not None:
-        slot = pool.acquire(torch.utils.data.get_worker_info().id, b * t)
+        slot = pool.acquire(torch.utils.data.get_worker_info().id, copies * b * t)
     if slot is not None:
         audio = None
-        view = slot[1].reshape(b, 1, t)
+        both = slot[1].reshape(copies, b, 1, t)
+        view = both[0]
         for i, it in enumerate(items):
             n = it.audio.shape[0]
             view[i, 0, :n] = it.audio
             view[i, 0, n:] = 0.0  # the slot holds an older batch
     else:
-        audio = _shared_zeros((b, 1, t)) if shared else torch.from_numpy(np.zeros((b, 1, t), dtype=np.float32))
+        def new():
+            return _shared_zeros((b, 1, t)) if shared else torch.from_numpy(np.zeros((b, 1, t), dtype=np.float32))
+
+        audio = new()
         view = audio.numpy()
         for i, it in enumerate(items):
             view[i, 0, : it.audio.shape[0]] = it.audio
+        if keep_clean:
+            clean = new()
+            both = (view, clean.numpy())
+    if keep_clean:
+        np.copyto(both[1], view)
+    if transform is not None:
+        transform(view, lengths)
     offsets = [it.offset for it in items]
     batch = {
         "audio": audio,
@@ -118,6 +136,8 @@ def collate(items: list[Item], shared: bool | None = None, pool: SlotPool | None
         "speakers": [_text(it.meta, "speaker") for it in items],
         "languages": [_text(it.meta, "language") for it in items],
     }
+    if clean is not None:
+        batch["clean"] = clean
     if items[0].semantic is not None:  # pre-extracted teacher features: [B, D, T] zero-padded + lengths
         sem_lengths = [it.semantic.shape[0] for it in items]
         sem = np.zeros((b, items[0].semantic.shape[1], max(sem_lengths)), dtype=np.float32)
@@ -126,7 +146,7 @@ def collate(items: list[Item], shared: bool | None = None, pool: SlotPool | None
         batch["semantic"] = torch.from_numpy(sem)
         batch["semantic_lengths"] = torch.tensor(sem_lengths, dtype=torch.int64)
     if slot is not None:
-        batch["_slot"] = [torch.utils.data.get_worker_info().id, slot[0], b, t]
+        batch["_slot"] = [torch.utils.data.get_worker_info().id, slot[0], b, t] + ([copies] if keep_clean else [])
     return batch
 
 

@@ -6,6 +6,16 @@ pattern, a glob, a directory (all *.tar in it), `pipe:` URLs, or a list of these
 that matches nothing is an error at setup().  An `index.json` beside the shards (written by
 tools/make_shards.py) sizes epochs.
 
+`train_shards` may also be a weighted mixture of corpora, a list of {shards, weight, name}: each
+training sample comes from corpus c with probability weight_c / sum(weights), from that corpus's own
+stream (split over ranks x workers, or resampled, as a single corpus); an epoch is epoch_samples draws,
+or the corpora's total size (index.json beside every corpus).  See flexitrain.data.mixing; the data
+stats count samples per corpus (data/train/corpus/<name>).
+
+`augment` (off by default): random gain, additive noise from a noise shard set at an SNR range and a
+random low-pass, applied in the workers to training batches -- to the codec input only (batches then
+also carry "clean", the target) or to both.  See flexitrain.data.augment.
+
 Batches are dicts: audio float32 [B,1,T] (zero-padded), lengths int64 [B] (valid samples),
 offsets float32 [B] (crop start, seconds), keys/texts/speakers/languages list[str]
 (flexitrain.data.batching.lengths_to_mask makes the [B,1,T] mask).  B * T <= batch_seconds *
@@ -47,8 +57,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from .augment import parse_augment, with_noise_urls
 from .batching import BucketBatcher
 from .decode import DecodeConfig
+from .mixing import Mixture, build_mixture, expected_draws, parse_corpora
 from .pipeline import AudioLoader, EvalAudioDataset, LoaderConfig, TrainAudioDataset, expand_shards, load_index
 from .stats import REASONS, format_summary, merge
 
@@ -79,6 +91,7 @@ class AudioDataModule(pl.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         teacher_features: str | None = None,
+        augment: dict | None = None,
     ):
         super().__init__()
         if long_clip_policy not in ("skip", "crop"):
@@ -87,6 +100,9 @@ class AudioDataModule(pl.LightningDataModule):
             raise ValueError("batch_seconds, max_batch_size, num_buckets and sample_rate must be positive")
         if epoch_samples is not None and epoch_samples < 1:
             raise ValueError(f"epoch_samples must be positive or None, got {epoch_samples}")
+        # Weighted corpora and augmentation are checked here (weights, keys, ranges), the shard specs at setup().
+        self.corpora = parse_corpora(train_shards, "train_shards")
+        self.augment = parse_augment(augment, sample_rate, "augment")
         self.save_hyperparameters(logger=False)
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.sample_rate, self.num_workers, self.pin_memory, self.seed = sample_rate, num_workers, pin_memory, seed
@@ -110,6 +126,9 @@ class AudioDataModule(pl.LightningDataModule):
             self.teacher_features_index = read_index(teacher_features)
             self.train_decode = dataclasses.replace(self.train_decode,
                                                     crop_align=int(self.teacher_features_index["hop_samples"]))
+        if self.augment is not None and self.augment.keep_clean and teacher_features is not None:
+            rank_zero_info("[data] augment.target=input with teacher_features: the cached teacher features are of the "
+                           "clean audio, while a teacher run in the task would see the augmented input")
         # Our datasets' __len__ is exact per rank (fixed batches per worker / planned eval batches).
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
@@ -130,7 +149,13 @@ class AudioDataModule(pl.LightningDataModule):
         if stage in (None, "fit") and "train" not in self.datasets:
             if self.train_shards is None:
                 raise ValueError("data.train_shards is not set")
-            self.datasets["train"] = self._train_dataset(expand_shards(self.train_shards, "train_shards"), rank, world)
+            mixture = None
+            if self.corpora is not None:
+                mixture = build_mixture(self.corpora, expand_shards, "train_shards")
+                urls = mixture.all_urls
+            else:
+                urls = expand_shards(self.train_shards, "train_shards")
+            self.datasets["train"] = self._train_dataset(urls, rank, world, mixture)
         if stage in (None, "fit", "validate") and "val" not in self.datasets and self.val_shards is not None:
             self.datasets["val"] = self._eval_dataset(expand_shards(self.val_shards, "val_shards"), rank, world)
         if stage in (None, "test") and "test" not in self.datasets:
@@ -140,8 +165,9 @@ class AudioDataModule(pl.LightningDataModule):
             else:
                 self.datasets["test"] = self._eval_dataset(expand_shards(self.test_shards, "test_shards"), rank, world)
 
-    def _train_dataset(self, urls: list[str], rank: int, world: int) -> TrainAudioDataset:
-        index = load_index(urls)
+    def _train_dataset(self, urls: list[str], rank: int, world: int,
+                       mixture: Mixture | None = None) -> TrainAudioDataset:
+        index = load_index(urls) if mixture is None else self._mixture_index(mixture)
         features = None
         if self.teacher_features is not None:
             from .teacher_features import SidecarReader, check_covers
@@ -153,17 +179,42 @@ class AudioDataModule(pl.LightningDataModule):
         per_worker = None
         if total is not None:
             per_worker = max(1, math.ceil(total / (world * workers * self.nominal_batch_size(index))))
+        elif mixture is not None:
+            missing = [n for n, u in zip(mixture.names, mixture.urls) if load_index(list(u)) is None]
+            raise ValueError(f"weighted train_shards need a fixed epoch length: set data.epoch_samples or put an "
+                             f"index.json beside the shards of corpus(es) {missing}")
         elif world > 1:
             raise ValueError(
                 f"training on {world} ranks needs a fixed epoch length: set data.epoch_samples "
                 "or put an index.json beside the train shards")
-        if self.epoch_samples is None and index is not None and len(urls) < world * workers:
-            rank_zero_info(f"[data] {len(urls)} train shards < {world} ranks x {workers} workers: "
-                           "every worker reads all shards and keeps every n-th sample")
+        for name, shards in ([("train", urls)] if mixture is None else zip(mixture.names, mixture.urls)):
+            if self.epoch_samples is None and index is not None and len(shards) < world * workers:
+                rank_zero_info(f"[data] {len(shards)} {name} shards < {world} ranks x {workers} workers: "
+                               "every worker reads all of them and keeps every n-th sample")
+        if mixture is not None:
+            sizes = index["per_corpus"] if index else {}
+            lines = [f"{n}: p={p:.3f}, ~{d:.0f} samples/epoch"
+                     + (f" ({d / sizes[n]:.2f} x its {sizes[n]})" if sizes.get(n) else "")
+                     for (n, d), p in zip(expected_draws(total, mixture).items(), mixture.probs)]
+            rank_zero_info("[data] weighted train corpora: " + "; ".join(lines))
+        augment = with_noise_urls(self.augment, expand_shards, "augment.noise.shards")
         return TrainAudioDataset(
             urls, self.train_decode, self.batching, rank=rank, world_size=world, num_workers=self.num_workers,
             resampled=self.epoch_samples is not None, shuffle_shards=self.shuffle_shards,
-            shuffle_buffer=self.shuffle_buffer, batches_per_worker=per_worker, seed=self.seed, features=features)
+            shuffle_buffer=self.shuffle_buffer, batches_per_worker=per_worker, seed=self.seed, features=features,
+            mixture=mixture, augment=augment)
+
+    @staticmethod
+    def _mixture_index(mixture: Mixture) -> dict | None:
+        """An index for a mixture (when every corpus has one): the corpora's total size, and a duration that
+        makes the mean utterance length the draw-weighted mean (it sizes the nominal batch)."""
+        indexes = [load_index(list(u)) for u in mixture.urls]
+        if any(i is None or not i["num_samples"] for i in indexes):
+            return None
+        total = sum(i["num_samples"] for i in indexes)
+        mean = sum(p * i["duration"] / i["num_samples"] for p, i in zip(mixture.probs, indexes))
+        return {"num_samples": total, "duration": mean * total,
+                "per_corpus": {n: i["num_samples"] for n, i in zip(mixture.names, indexes)}}
 
     def _eval_dataset(self, urls: list[str], rank: int, world: int) -> EvalAudioDataset:
         return EvalAudioDataset(urls, self.eval_decode, self.batching, rank=rank, world_size=world,

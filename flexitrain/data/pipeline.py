@@ -5,6 +5,9 @@ Training (`TrainAudioDataset`): an endless per-worker sample stream, either *res
 (shards dealt to ranks x workers, reshuffled and cycled; with fewer shards than ranks x
 workers every worker reads all shards and keeps every (ranks*workers)-th sample).  An epoch
 is a fixed number of batches per worker, so every DDP rank makes the same number of steps.
+A weighted mixture of corpora (`Mixture`, see mixing.py) draws each sample from one corpus's
+stream of that kind, with the corpus's probability; augmentation (augment.py) changes the
+collated batches in the workers.
 
 Evaluation (`EvalAudioDataset`): a plan is made once in `__init__` (each rank reads and
 decodes the whole eval set once) -- the usable samples, their lengths and the batches.  The
@@ -34,8 +37,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
+from .augment import AugmentConfig, Augmenter
 from .batching import BucketBatcher, Item, SlotPool, collate, finalize_batch, plan_batches
 from .decode import AUDIO_KEYS, DecodeConfig, decode_audio, parse_meta
+from .mixing import Mixture, mix
 from .stats import DataStats, NullStats
 from .teacher_features import SidecarReader, crop_features
 from .worker_exit import track_workers
@@ -249,7 +254,23 @@ def decode_sample(sample: dict, cfg: DecodeConfig, stats: DataStats, rng) -> Ite
     if semantic is not None:  # pre-extracted teacher frames of the whole utterance: keep the crop's
         hop = cfg.crop_align
         semantic = crop_features(semantic, round(out[1] * cfg.sample_rate / hop) * hop, out[0].shape[0], hop)
-    return Item(out[0], sample["__key__"], meta, out[1], semantic)
+    return Item(out[0], sample["__key__"], meta, out[1], semantic, sample.get("__corpus__", -1))
+
+
+def noise_clips(urls: list[str], cfg: DecodeConfig, rng: np.random.Generator) -> Iterator[np.ndarray | None]:
+    """Endless noise clips for augmentation: shards drawn with replacement, every audio sample decoded
+    (a random crop of cfg.crop_samples); None for an unusable sample or an empty/broken shard, so the
+    consumer can tell a dead noise set from a slow one."""
+    stats = NullStats()  # noise problems are not the corpus's bad input
+    while True:
+        got = False
+        for sample in iter_shard(urls[int(rng.integers(len(urls)))], stats):
+            data = next((sample[e] for e in AUDIO_KEYS if e in sample), None)
+            out = None if data is None else decode_audio(data, cfg, stats, rng)
+            got = got or out is not None
+            yield None if out is None else out[0]
+        if not got:
+            yield None
 
 
 def _worker() -> tuple[int, int]:
@@ -355,7 +376,10 @@ def _max_batch_numel(decode: DecodeConfig, batching: LoaderConfig) -> int:
 # ----------------------------------------------------------------------------- training
 class TrainAudioDataset(IterableDataset):
     """Endless shuffled stream of cropped utterances, batched in the worker; yields
-    `batches_per_worker` batches per epoch (None: one pass over the split shards, single process)."""
+    `batches_per_worker` batches per epoch (None: one pass over the split shards, single process).
+    `mixture`: weighted corpora (urls must be mixture.all_urls; needs batches_per_worker): each sample
+    is drawn from one corpus's own stream with its probability, counted as `corpus/<name>` in stats.
+    `augment`: an AugmentConfig with expanded noise urls, applied to each collated batch (augment.py)."""
 
     max_consecutive_bad = 10000  # then the data is broken: raise instead of spinning forever
 
@@ -374,7 +398,16 @@ class TrainAudioDataset(IterableDataset):
         batches_per_worker: int | None = None,
         seed: int = 0,
         features: SidecarReader | None = None,
+        mixture: Mixture | None = None,
+        augment: AugmentConfig | None = None,
     ):
+        if mixture is not None:
+            if list(urls) != mixture.all_urls:
+                raise ValueError("with a mixture, urls must be mixture.all_urls")
+            if batches_per_worker is None:
+                raise ValueError("a weighted corpus mixture needs a fixed epoch length (epoch_samples or index.json)")
+        if augment is not None and augment.noise is not None and not augment.noise.urls:
+            raise ValueError("augment.noise has no expanded shard urls (use augment.with_noise_urls)")
         if not urls:
             raise ValueError("TrainAudioDataset needs at least one shard")
         if not 0 <= rank < world_size:
@@ -386,12 +419,17 @@ class TrainAudioDataset(IterableDataset):
         self.resampled, self.shuffle_shards, self.shuffle_buffer = resampled, shuffle_shards, shuffle_buffer
         self.batches_per_worker, self.seed = batches_per_worker, seed
         self.features = features  # pre-extracted teacher features: attached to each sample of a shard
+        self.mixture, self.augment = mixture, augment
+        self._augmenter: Augmenter | None = None  # made per worker and epoch in __iter__
         self.epoch = 0
-        self.stats = DataStats(num_workers)
+        extra = (mixture.counter_names if mixture else ()) + (augment.counter_names if augment else ())
+        self.stats = DataStats(num_workers, extra)
+        self._corpus_col = self.stats.index["corpus/" + mixture.names[0]] if mixture else -1
         self.pool: SlotPool | None = None  # set by AudioLoader
 
     def max_batch_numel(self) -> int:
-        return _max_batch_numel(self.decode, self.batching)
+        copies = 2 if self.augment is not None and self.augment.keep_clean else 1  # audio + clean in one slot
+        return copies * _max_batch_numel(self.decode, self.batching)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -406,26 +444,42 @@ class TrainAudioDataset(IterableDataset):
         return samples if self.features is None else self.features.attach(url, samples)
 
     def _samples(self, wid: int, nw: int, rng: np.random.Generator) -> Iterator[dict]:
-        """Raw samples for this worker; endless unless this is a single-pass epoch."""
+        """Raw samples for this worker; endless unless this is a single-pass epoch.  A mixture draws each
+        sample's corpus from its own generator and the sample from that corpus's stream, which has a
+        generator of its own too: the streams never shift one another, and the single-corpus stream
+        (with `rng`) is the same as without mixing support."""
+        if self.mixture is None:
+            return self._corpus_samples(self.urls, wid, nw, rng)
+        streams = [self._corpus_samples(list(urls), wid, nw,
+                                        np.random.default_rng([self.seed, self.epoch, self.rank, wid, 101, c]), c)
+                   for c, urls in enumerate(self.mixture.urls)]
+        return mix(streams, self.mixture.probs, np.random.default_rng([self.seed, self.epoch, self.rank, wid, 100]))
+
+    def _corpus_samples(self, urls: list[str], wid: int, nw: int, rng: np.random.Generator,
+                        corpus: int | None = None) -> Iterator[dict]:
+        """One corpus's samples for this worker (`corpus`: its index in the mixture, None without one)."""
         total, gid = self.world_size * nw, self.rank * nw + wid
         endless = self.batches_per_worker is not None
-        n, barren = len(self.urls), 0
+        n, barren = len(urls), 0
+        what = "" if corpus is None else f" of corpus {self.mixture.names[corpus]!r}"
         if self.resampled:
             while True:
                 got = False
-                for sample in self._read(self.urls[int(rng.integers(n))]):
+                for sample in self._read(urls[int(rng.integers(n))]):
                     got = True
                     yield sample
                 barren = 0 if got else barren + 1
                 if barren > 3 * n + 10:
-                    raise RuntimeError(f"{barren} shard draws in a row gave no sample; shards unreadable? {self.stats.totals()}")
+                    raise RuntimeError(f"{barren} shard draws{what} in a row gave no sample; shards unreadable? "
+                                       f"{self.stats.totals()}")
         split_by_shard = n >= total
-        mine = self.urls[gid::total] if split_by_shard else self.urls
+        mine = urls[gid::total] if split_by_shard else urls
         epoch_pass = 0
         while True:
             order = list(mine)
             if self.shuffle_shards:  # the sample-split fallback needs the same order on all workers
-                shared = np.random.default_rng([self.seed, self.epoch, epoch_pass, 7])
+                parts = [self.seed, self.epoch, epoch_pass, 7] + ([] if corpus is None else [corpus])
+                shared = np.random.default_rng(parts)
                 (rng if split_by_shard else shared).shuffle(order)
             got, index = False, 0
             for url in order:
@@ -437,7 +491,8 @@ class TrainAudioDataset(IterableDataset):
             if not endless:
                 return
             if not got:
-                raise RuntimeError(f"a full pass over {len(order)} shards gave this worker no sample: {self.stats.totals()}")
+                raise RuntimeError(f"a full pass over {len(order)} shards{what} gave this worker no sample: "
+                                   f"{self.stats.totals()}")
             epoch_pass += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -450,10 +505,27 @@ class TrainAudioDataset(IterableDataset):
         bcfg = self.batching
         max_len = self.decode.crop_samples or int(self.decode.max_duration * self.decode.sample_rate)
         batcher = BucketBatcher(bcfg.budget, bcfg.max_batch_size, bcfg.num_buckets, max_len)
+        self._augmenter = self._make_augmenter(wid, max_len)
         try:
             yield from self._batches(samples, batcher, rng)
         finally:
             self.stats.flush()
+
+    def _make_augmenter(self, wid: int, max_len: int) -> Augmenter | None:
+        """Augmentation draws and noise reads come from generators of their own (seeded like the sample
+        stream), so the items and crops are those of the run without augmentation."""
+        cfg = self.augment
+        if cfg is None:
+            return None
+        clips = None
+        if cfg.noise is not None:
+            noise_decode = DecodeConfig(sample_rate=self.decode.sample_rate, crop_samples=max_len, random_crop=True,
+                                        max_duration=math.inf, min_duration=self.decode.min_duration,
+                                        silence_threshold=self.decode.silence_threshold)
+            clips = noise_clips(list(cfg.noise.urls), noise_decode,
+                                np.random.default_rng([self.seed, self.epoch, self.rank, wid, 202]))
+        return Augmenter(cfg, self.decode.sample_rate, max_len,
+                         np.random.default_rng([self.seed, self.epoch, self.rank, wid, 201]), self.stats, clips)
 
     def _batches(self, samples, batcher: BucketBatcher, rng) -> Iterator[dict]:
         emitted, barren = 0, 0
@@ -481,9 +553,15 @@ class TrainAudioDataset(IterableDataset):
     def _emit(self, items: list[Item], batcher: BucketBatcher) -> dict:
         self.stats.add("samples", len(items))
         self.stats.add("batches")
-        self.stats.flush()
+        if self.mixture is not None:  # samples per corpus in emitted batches (what the model sees)
+            for it in items:
+                self.stats.local[self._corpus_col + it.corpus] += 1
         pad_to = batcher.padded_length(items) if self.batching.pad_to_bucket else None
-        return collate(items, pool=self.pool, pad_to=pad_to)
+        aug = self._augmenter
+        batch = collate(items, pool=self.pool, pad_to=pad_to, transform=aug,
+                        keep_clean=aug is not None and self.augment.keep_clean)
+        self.stats.flush()  # after collate: the augmentation counts of this batch too
+        return batch
 
 
 def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:

@@ -4,6 +4,11 @@ Each dataset owns a small int64 table in shared memory (one row per worker plus 
 the main process).  A worker only writes its own row, so no locking is needed, and the
 main process can read the totals at any time: the counts survive worker processes and do
 not travel inside batches.
+
+Besides the fixed REASONS a dataset may count `extra` named counters that depend on its
+configuration: samples per corpus of a weighted mixture (`corpus/<name>`, see mixing.py) and
+items changed by each augmentation (`augment/<transform>`, see augment.py).  They are info,
+not bad input, and are logged as `data/<split>/<name>` like the reasons.
 """
 
 from __future__ import annotations
@@ -43,16 +48,28 @@ def current_row() -> int:
     return -1 if info is None else info.id
 
 
-class DataStats:
-    """Per-process counters; `local` is written in the hot path, `flush()` publishes it."""
+def is_info(name: str) -> bool:
+    """Bookkeeping counters (and every extra counter: corpus/..., augment/...), not bad input."""
+    return name in INFO_COUNTERS or "/" in name
 
-    def __init__(self, num_workers: int):
-        self.table = torch.zeros(max(num_workers, 0) + 1, len(REASONS), dtype=torch.int64).share_memory_()
-        self.local = np.zeros(len(REASONS), dtype=np.int64)
+
+class DataStats:
+    """Per-process counters; `local` is written in the hot path, `flush()` publishes it.
+    `extra`: further counter names (e.g. "corpus/emilia"), appended after REASONS."""
+
+    def __init__(self, num_workers: int, extra: tuple[str, ...] | list[str] = ()):
+        extra = tuple(extra)
+        clash = [n for n in extra if n in INDEX or "/" not in n]
+        if clash or len(set(extra)) != len(extra):
+            raise ValueError(f"extra data counters must be unique 'group/name' strings, got {list(extra)}")
+        self.names = REASONS + extra
+        self.index = {**INDEX, **{n: len(REASONS) + i for i, n in enumerate(extra)}}
+        self.table = torch.zeros(max(num_workers, 0) + 1, len(self.names), dtype=torch.int64).share_memory_()
+        self.local = np.zeros(len(self.names), dtype=np.int64)
         self._row: int | None = None
 
     def add(self, reason: str, n: int = 1) -> None:
-        self.local[INDEX[reason]] += n
+        self.local[self.index[reason]] += n
 
     def start(self) -> None:
         """Called at the start of an iteration in the process that iterates."""
@@ -67,13 +84,14 @@ class DataStats:
         self.table[self._row] = torch.from_numpy(self.local)
 
     def totals(self) -> dict[str, int]:
-        return dict(zip(REASONS, self.table.sum(0).tolist()))
+        return dict(zip(self.names, self.table.sum(0).tolist()))
 
 
 class NullStats(DataStats):
     """Counts nothing (for re-reads whose problems were already counted)."""
 
     def __init__(self):
+        self.names, self.index = REASONS, INDEX
         self.local = np.zeros(len(REASONS), dtype=np.int64)
 
     def add(self, reason: str, n: int = 1) -> None:
@@ -92,8 +110,11 @@ def merge(*totals: dict[str, int]) -> dict[str, int]:
 
 
 def format_summary(summary: dict[str, int]) -> str:
-    bad = {k: v for k, v in summary.items() if v and k not in INFO_COUNTERS}
+    bad = {k: v for k, v in summary.items() if v and not is_info(k)}
+    extra = {k: v for k, v in summary.items() if "/" in k}
     head = f"{summary.get('samples', 0)} samples in {summary.get('batches', 0)} batches"
+    if extra:  # per-corpus samples and augmentation counts
+        head += " (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")"
     return head + ("; " + ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "; no bad input")
 
 
@@ -103,14 +124,17 @@ try:  # the callback is optional: the data layer itself does not need Lightning
 
     class DataStatsLogger(Callback):
         """Logs the datamodule's bad-input counters (summed over ranks) at each epoch end
-        as `data/<split>/<reason>`, and prints the summary when fitting/testing ends."""
+        as `data/<split>/<reason>` -- with the split's extra counters, `data/train/corpus/<name>`
+        and `data/train/augment/<transform>` -- and prints the summary when fitting/testing ends."""
 
         def _log(self, trainer, pl_module, split: str) -> None:
             dm = trainer.datamodule
             if dm is None or not hasattr(dm, "bad_input_summary"):
                 return
             summary = dm.bad_input_summary(split)
-            for name in REASONS:  # every rank logs every key: the sum reduction needs the same calls
+            # Every rank logs every key (the sum reduction needs the same calls): the extra names come from the
+            # config (corpus names, augmentations), the same on all ranks.
+            for name in REASONS + tuple(k for k in summary if k not in INDEX):
                 pl_module.log(f"data/{split}/{name}", float(summary.get(name, 0)), sync_dist=True, reduce_fx="sum")
 
         def on_train_epoch_end(self, trainer, pl_module):

@@ -181,7 +181,9 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         out = self.generator(audio, lengths, semantic_features=semantic, semantic_lengths=semantic_lengths,
                              threshold=threshold, bypass_quantize=bypass)
         fake = out.audio[..., : audio.shape[-1]]
-        real = audio[..., : fake.shape[-1]]
+        # data.augment with target=input: the codec reads the augmented audio and reconstructs the clean one.
+        # The teacher above ran on the codec's input, as it does at inference.
+        real = batch.get("clean", audio)[..., : fake.shape[-1]]
         fake_lengths = lengths.clamp(max=fake.shape[-1])
         # Padding is zero in both signals so the discriminator and the masked losses never see it.
         mask = lengths_to_mask(fake_lengths, fake.shape[-1])[:, None].to(fake.dtype)
@@ -225,6 +227,10 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         n = audio.shape[-1]
         if lengths.dim() != 1 or lengths.shape[0] != audio.shape[0]:
             raise ValueError(f"batch['lengths'] must have shape [{audio.shape[0]}], got {tuple(lengths.shape)}")
+        clean = batch.get("clean")
+        if clean is not None and tuple(clean.shape) != tuple(audio.shape):
+            raise ValueError(f"batch['clean'] must have the audio's shape {tuple(audio.shape)}, "
+                             f"got {tuple(clean.shape)}")
         lo = teacher_min_samples(self._teacher[0])
         if lengths.numel() and (int(lengths.min()) < lo or int(lengths.max()) > n):  # host memory: no device sync
             raise ValueError(f"batch lengths must lie in [{lo}, {n}] samples (one 25-ms teacher frame, the padded "

@@ -4,6 +4,10 @@
 Punctuation is cut out, each span between marks is phonemised on its own and the marks are put back, so
 "hello world, this is a test." gives "həloʊ wɜːld, ðɪs ɪz ɐ tɛst.". Results are cached per (voice, text).
 libespeak-ng keeps global state, so every call holds one process-wide lock.
+
+Only languages with a G2P that reads ordinary text correctly are accepted; any other raises a ValueError
+naming it and the supported ones (no silent nonsense). Mandarin ("zh") goes through pypinyin
+(`flexitrain.text.mandarin`), not espeak-ng, whose cmn voice here reads hanzi as English-spelled pinyin.
 """
 
 from __future__ import annotations
@@ -14,12 +18,29 @@ import re
 import threading
 from collections import OrderedDict
 
-# whisper language code -> espeak-ng voice (anything else is passed to espeak-ng as given).
+# whisper language code -> espeak-ng voice, for the languages whose voice reads plain text correctly (checked
+# by hand on libespeak-ng 1.51). Left out on purpose: zh (cmn reads pinyin as English: see MANDARIN), ja
+# (kanji come out as "Chinese letter"), ar (needs diacritised text; plain text loses its vowels).
 ESPEAK_VOICES = {
     "en": "en-us", "de": "de", "fr": "fr-fr", "es": "es", "it": "it", "pt": "pt", "nl": "nl", "pl": "pl",
-    "ru": "ru", "zh": "cmn", "ja": "ja", "ko": "ko", "tr": "tr", "sv": "sv", "fi": "fi", "cs": "cs",
-    "ar": "ar", "hi": "hi", "hu": "hu", "el": "el", "da": "da", "ca": "ca", "uk": "uk", "vi": "vi",
+    "ru": "ru", "ko": "ko", "tr": "tr", "sv": "sv", "fi": "fi", "cs": "cs", "hi": "hi", "hu": "hu", "el": "el",
+    "da": "da", "ca": "ca", "uk": "uk", "vi": "vi",
 }
+MANDARIN = "zh"  # whisper's code for Chinese; G2P = tone-numbered pinyin (flexitrain.text.mandarin)
+SUPPORTED_LANGUAGES = tuple(sorted([*ESPEAK_VOICES, MANDARIN]))
+
+
+def base_language(language: str) -> str:
+    """"en-us" / "zh_CN" / "EN" -> "en" / "zh" / "en"."""
+    return language.replace("_", "-").split("-")[0].lower()
+
+
+def unsupported(language: str) -> ValueError:
+    return ValueError(f"no reliable G2P for language {language!r}: supported are {', '.join(SUPPORTED_LANGUAGES)} "
+                      "(or pass g2p=False to feed the raw text to the BPE, as the official pipeline does for "
+                      "languages other than en/fr)")
+
+
 # phonemizer's default punctuation marks
 _PUNCTUATION = ';:,.!?¡¿—…"«»“”(){}[]'
 _PUNCT_RE = re.compile(r"(\s*[" + re.escape(_PUNCTUATION) + r"]+\s*)")
@@ -72,7 +93,7 @@ class _Espeak:
     def set_voice(self, voice: str) -> None:
         if voice == self.voice:
             return
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:  # names like "de", "cmn"; else by language
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:  # names like "de", "fr-fr"; else by language
             props = _EspeakVoice(languages=voice.encode())
             if self.lib.espeak_SetVoiceByProperties(ctypes.byref(props)) != 0:
                 raise ValueError(f"espeak-ng has no voice for {voice!r} (see `espeak-ng --voices`)")
@@ -98,8 +119,14 @@ class Phonemizer:
 
     @staticmethod
     def voice_for(language: str) -> str:
-        """A whisper code ("en") maps to its espeak-ng voice ("en-us"); a full voice ("en-gb") is kept."""
-        return ESPEAK_VOICES.get(language.lower(), language)
+        """A whisper code ("en") maps to its espeak-ng voice ("en-us"); a regional voice of a supported language
+        ("en-gb") is kept; Mandarin ("zh", "zh-CN") maps to MANDARIN (pypinyin). Anything else raises."""
+        base = base_language(language)
+        if base == MANDARIN:
+            return MANDARIN
+        if base not in ESPEAK_VOICES:
+            raise unsupported(language)
+        return ESPEAK_VOICES[base] if language.lower() == base else language
 
     def _phonemize_span(self, espeak: _Espeak, span: str) -> str:
         out = _FLAGS_RE.sub("", espeak.ipa(span))  # language_switch="remove-flags"
@@ -121,13 +148,19 @@ class Phonemizer:
         out = "".join(pieces).strip()
         return shorten_ipa(out) if self.shorten else out
 
+    @staticmethod
+    def _pinyin(text: str) -> str:
+        from flexitrain.text.mandarin import to_pinyin
+
+        return to_pinyin(text)  # already ASCII; the IPA shortening does not apply
+
     def phonemize(self, text: str, language: str = "en") -> str:
         key = (self.voice_for(language), text)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        out = self._phonemize(text, key[0])
+        out = self._pinyin(text) if key[0] == MANDARIN else self._phonemize(text, key[0])
         self._cache[key] = out
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

@@ -13,7 +13,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from flexitrain.text.phonemize import Phonemizer
+from flexitrain.text.phonemize import MANDARIN, Phonemizer
 
 NUM_LANGUAGES = 99  # whisper's default; the official AR tokenizer
 
@@ -65,30 +65,53 @@ class WhisperTextTokenizer:
         return self.encoding.decode([i for i in ids if i < self.encoding.eot_token])
 
 
+ZH_G2P_MODES = ("hanzi", "pinyin")
+
+
 class TextFrontend:
-    """Text -> model ids: optional espeak-ng G2P (full, as at official inference) then the Whisper BPE.
+    """Text -> model ids: optional G2P (full, as at official inference) then the Whisper BPE.
+
+    G2P per language: espeak-ng IPA for the languages in ``phonemize.ESPEAK_VOICES``; Chinese ("zh") per
+    ``zh_g2p``: "hanzi" (default) feeds the characters themselves to the BPE, which is what the official
+    training data pipeline does (its G2P step only touches en/fr samples; a checkpoint trained that way
+    expects hanzi), "pinyin" converts them to tone-numbered pinyin with pypinyin (for models trained so; use
+    the same setting for training and inference). Any other language raises (see ``phonemize.unsupported``).
+
+    The official *inference* code phonemises every language with the en-us espeak voice, which turns each
+    hanzi into "Chinese letter"; that is a bug, not followed here.
 
     ``g2p_prob`` < 1 keeps the raw text for that share of calls (a training-time augmentation; the
     official training policy is unknown, inference is always full G2P). Phonemes are cached.
     """
 
-    def __init__(self, g2p: bool = True, g2p_prob: float = 1.0, shorten: bool = True, seed: int = 0):
+    def __init__(self, g2p: bool = True, g2p_prob: float = 1.0, shorten: bool = True, seed: int = 0,
+                 zh_g2p: str = "hanzi"):
         import random
 
+        if zh_g2p not in ZH_G2P_MODES:
+            raise ValueError(f"zh_g2p must be one of {ZH_G2P_MODES}, got {zh_g2p!r}")
         self.tokenizer = WhisperTextTokenizer()
         self.phonemizer = Phonemizer(shorten=shorten) if g2p else None
         self.g2p_prob = g2p_prob
+        self.zh_g2p = zh_g2p
         self._rng = random.Random(seed)
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def _phonemise(self, language: str) -> bool:
+        """Whether this language goes through the phonemizer (raises for a language without a reliable G2P)."""
+        voice = self.phonemizer.voice_for(language)
+        return voice != MANDARIN or self.zh_g2p == "pinyin"
+
     def text_for_model(self, texts: list[str], languages: str | list[str] = "en") -> list[str]:
         if self.phonemizer is None or self.g2p_prob <= 0:
             return list(texts)
-        use = [self.g2p_prob >= 1 or self._rng.random() < self.g2p_prob for _ in texts]
         langs = [languages] * len(texts) if isinstance(languages, str) else list(languages)
+        if len(langs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(langs)} languages")
+        use = [self._phonemise(l) and (self.g2p_prob >= 1 or self._rng.random() < self.g2p_prob) for l in langs]
         phon = self.phonemizer.phonemize_batch([t for t, u in zip(texts, use) if u],
                                                [l for l, u in zip(langs, use) if u])
         it = iter(phon)

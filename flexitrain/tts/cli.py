@@ -3,8 +3,15 @@
 One utterance:
     flexitrain-tts --ar AR --nar NAR --vocoder VOCOS --text "Hello." --prompt-wav ref.wav \\
         --prompt-text "Words of the prompt." --frame-rate 8.3 --out hello.wav
-Batch (a JSON-lines file: {"text", "prompt_wav", "prompt_text", optional "id", "language", "frame_rate"}):
+Batch (a JSON-lines file: {"text", "prompt_wav", "prompt_text", optional "id", "language", "frame_rate"}; a row
+with "source_wav" instead of "text" is resynthesised):
     flexitrain-tts --ar AR --nar NAR --vocoder VOCOS --batch items.jsonl --out-dir out/
+AR only (official use_nar=False): the AR tokens through the codec's own decoder, 16 kHz, no NAR / vocoder:
+    flexitrain-tts --ar AR --ar-only --text "Hello." --prompt-wav ref.wav --out hello16k.wav
+No duration prediction (official predict_duration=False): every generated token is one 12.5 Hz frame:
+    flexitrain-tts --ar AR --nar NAR --vocoder VOCOS --no-duration-prediction --threshold 1.0 ...
+Resynthesis (official infer_voicebox_tts): SOURCE's codec tokens rendered by the NAR in the prompt's voice:
+    flexitrain-tts --nar NAR --vocoder VOCOS --resynthesize source.wav --prompt-wav ref.wav --out resynth.wav
 
 AR / NAR: a training checkpoint (.ckpt of ARTTSTask / VoiceboxTask) or an imported/exported directory; VOCOS: a
 VocosTask .ckpt, an exported directory or the released vocos_emilia.safetensors; --codec: the FlexiCodec both were
@@ -23,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexitrain-tts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("models (local files; nothing is downloaded)")
-    m.add_argument("--ar", required=True, help="AR text→token model")
-    m.add_argument("--nar", required=True, help="Voicebox NAR token→mel model")
-    m.add_argument("--vocoder", required=True, help="Vocos 24 kHz vocoder")
+    m.add_argument("--ar", help="AR text→token model (not needed for --resynthesize)")
+    m.add_argument("--nar", help="Voicebox NAR token→mel model (not needed for --ar-only)")
+    m.add_argument("--vocoder", help="Vocos 24 kHz vocoder (not needed for --ar-only)")
     m.add_argument("--codec", default=None, help="FlexiCodec for the prompt (default: the AR checkpoint's)")
     m.add_argument("--teacher-dir", default=None, help="SenseVoiceSmall directory (with an exported --codec)")
     m.add_argument("--device", default="cpu")
@@ -34,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--prompt-wav", help="a few seconds of the target voice")
     i.add_argument("--prompt-text", default="", help="transcript of the prompt")
     i.add_argument("--batch", help="JSON-lines file of utterances (instead of --text/--prompt-*)")
-    i.add_argument("--language", default="en")
+    i.add_argument("--language", default="en", help="whisper code: en, zh, de, fr, ... (G2P languages: see errors)")
+    i.add_argument("--zh-g2p", choices=("hanzi", "pinyin"), default="hanzi",
+                   help="Chinese text: hanzi to the BPE (official training) or pypinyin tone-numbered pinyin")
+    i.add_argument("--no-g2p", action="store_true", help="feed the raw text to the BPE (models trained without G2P)")
+    i.add_argument("--resynthesize", metavar="SOURCE_WAV",
+                   help="NAR-only: resynthesise this audio in the voice of --prompt-wav (no AR, no text)")
     i.add_argument("--frame-rate", type=float, default=8.3, help="tokens/s: 12.5, 8.3 or 6.25 (see --frame-rates)")
     i.add_argument("--threshold", type=float, default=None, help="merging threshold (overrides --frame-rate)")
     i.add_argument("--frame-rates", default=None,
@@ -43,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="tts.wav", help="output wav (single utterance)")
     o.add_argument("--out-dir", default="tts_out", help="output folder (batch): <id>.wav + results.jsonl")
     o.add_argument("--ar-batch", type=int, default=16, help="utterances the AR decodes together (batch mode)")
+    o.add_argument("--ar-only", action="store_true",
+                   help="decode the AR tokens with the codec's own decoder (16 kHz); no NAR / vocoder")
     s = p.add_argument_group("sampling")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--top-k", type=int, default=25)
     s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--no-duration-prediction", action="store_true",
+                   help="do not predict durations: every generated token is one 12.5 Hz frame")
     s.add_argument("--duration-top-k", type=int, default=1)
     s.add_argument("--duration-temperature", type=float, default=1.0)
     s.add_argument("--max-token-text-ratio", type=float, default=20.0, help="length cap: tokens per text id")
@@ -57,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg", type=float, default=2.0, help="NAR classifier-free guidance strength")
     s.add_argument("--rescale-cfg", type=float, default=0.75)
     return p
+
+
+def _relative_to(batch_file: str | Path, wav: str) -> Path:
+    """A path in a batch file is relative to that file's folder."""
+    p = Path(wav)
+    return p if p.is_absolute() else Path(batch_file).parent / p
 
 
 def read_batch(path: str | Path, args) -> list:
@@ -70,19 +92,17 @@ def read_batch(path: str | Path, args) -> list:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-        missing = [k for k in ("text", "prompt_wav") if not row.get(k)]
+        missing = [k for k in ("source_wav" if row.get("source_wav") else "text", "prompt_wav") if not row.get(k)]
         if missing:
             raise ValueError(f"{path}:{n}: missing {', '.join(missing)}")
-        prompt = Path(row["prompt_wav"])
-        if not prompt.is_absolute():
-            prompt = Path(path).parent / prompt
-        requests.append(TTSRequest(text=row["text"], prompt_wav=prompt, prompt_text=row.get("prompt_text", ""),
+        prompt, source = (_relative_to(path, row[k]) if row.get(k) else None for k in ("prompt_wav", "source_wav"))
+        requests.append(TTSRequest(text=row.get("text", ""), prompt_wav=prompt, prompt_text=row.get("prompt_text", ""),
                                    language=row.get("language", args.language),
                                    frame_rate=row.get("frame_rate", args.frame_rate),
                                    # a row's own frame rate wins over the command line's --threshold
                                    threshold=row.get("threshold", None if "frame_rate" in row else args.threshold),
-                                   seed=args.seed,
-                                   id=str(row.get("id", f"utt{n:05d}"))))
+                                   seed=args.seed, id=str(row.get("id", f"utt{n:05d}")), ar_only=args.ar_only,
+                                   predict_duration=not args.no_duration_prediction, source_wav=source))
     if not requests:
         raise ValueError(f"{path} has no utterances")
     return requests
@@ -101,13 +121,59 @@ def build_pipeline(args):
     return TTSPipeline.from_checkpoints(args.ar, args.nar, args.vocoder, codec=args.codec, teacher=teacher,
                                         frame_rates=frame_rates, sampling=sampling,
                                         nar_config=NARConfig(args.steps, args.cfg, args.rescale_cfg), device=args.device,
-                                        min_prompt_pace=args.min_prompt_pace)
+                                        min_prompt_pace=args.min_prompt_pace, zh_g2p=args.zh_g2p,
+                                        g2p=not args.no_g2p)
+
+
+def _resynthesis_problem(args) -> str | None:
+    if args.batch or args.text:
+        return "--resynthesize takes one source wav and no --text/--batch (batch rows: use \"source_wav\")"
+    if args.ar_only or args.no_duration_prediction:
+        return ("--resynthesize renders the source's own tokens and durations with the NAR: it does not go "
+                "with --ar-only or --no-duration-prediction")
+    if not args.prompt_wav:
+        return "--resynthesize needs --prompt-wav (the voice to render the source in)"
+    if not (args.nar and args.vocoder):
+        return "--resynthesize needs --nar and --vocoder"
+    return None
+
+
+def _language_problem(args) -> str | None:
+    """Checked before any model is loaded: a language without a reliable G2P fails at once."""
+    from flexitrain.text.mandarin import _pypinyin
+    from flexitrain.text.phonemize import MANDARIN, Phonemizer
+
+    if args.no_g2p:
+        return None
+    try:
+        if Phonemizer.voice_for(args.language) == MANDARIN and args.zh_g2p == "pinyin":
+            _pypinyin()
+    except (ValueError, ImportError) as e:
+        return str(e)
+    return None
+
+
+def check_args(args) -> str | None:
+    """What is wrong with this combination of options (None: nothing)."""
+    if args.resynthesize:
+        return _resynthesis_problem(args)
+    if not args.batch and not (args.text and args.prompt_wav):
+        return "give --text and --prompt-wav (and --prompt-text), or --batch FILE, or --resynthesize SOURCE_WAV"
+    problem = _language_problem(args)
+    if problem or args.batch:  # batch rows are checked one by one (each may be a resynthesis)
+        return problem
+    if not args.ar:
+        return "text-to-speech needs --ar"
+    if not args.ar_only and not (args.nar and args.vocoder):
+        return "text-to-speech needs --nar and --vocoder (or --ar-only: the codec's decoder, 16 kHz)"
+    return None
 
 
 def _line(name: str, r) -> str:
-    return (f"{name}: {r.seconds:.2f} s, {r.tokens.numel()} tokens, frame rate {r.frame_rate:.2f} Hz "
-            f"(τ={r.threshold:g}{'' if r.stopped_by_eos else ', length cap'}), RTF {r.rtf:.3f} "
-            f"[ar {r.timings['ar']:.2f} s, nar {r.timings['nar']:.2f} s, vocoder {r.timings['vocoder']:.2f} s]")
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in r.timings.items() if k not in ("total", "prompt"))
+    return (f"{name}: {r.seconds:.2f} s at {r.sample_rate} Hz ({r.mode}), {r.tokens.numel()} tokens, frame rate "
+            f"{r.frame_rate:.2f} Hz (τ={r.threshold:g}{'' if r.stopped_by_eos else ', length cap'}), RTF {r.rtf:.3f} "
+            f"[{stages}]")
 
 
 def _attempt(fn, *args):
@@ -123,13 +189,16 @@ def main(argv=None) -> int:
     from flexitrain.tts.pipeline import TTSRequest, summarise
 
     args = build_parser().parse_args(argv)
-    if not args.batch and not (args.text and args.prompt_wav):
-        print("error: give --text and --prompt-wav (and --prompt-text), or --batch FILE", file=sys.stderr)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         requests = (read_batch(args.batch, args) if args.batch else
-                    [TTSRequest(args.text, args.prompt_wav, args.prompt_text, language=args.language,
-                                frame_rate=args.frame_rate, threshold=args.threshold, seed=args.seed, id="tts")])
+                    [TTSRequest(args.text or "", args.prompt_wav, args.prompt_text, language=args.language,
+                                frame_rate=args.frame_rate, threshold=args.threshold, seed=args.seed, id="tts",
+                                ar_only=args.ar_only, predict_duration=not args.no_duration_prediction,
+                                source_wav=args.resynthesize)])
         tts = build_pipeline(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -151,7 +220,8 @@ def main(argv=None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         sf.write(str(path), r.audio.numpy(), r.sample_rate)
         print(_line(str(path), r), flush=True)
-        records.append({"id": req.id, "wav": str(path), "text": req.text, "seconds": r.seconds,
+        records.append({"id": req.id, "wav": str(path), "text": req.text, "mode": r.mode,
+                        "sample_rate": r.sample_rate, "seconds": r.seconds,
                         "tokens": r.tokens.numel(), "frame_rate": r.frame_rate, "threshold": r.threshold,
                         "rtf": r.rtf, "timings": r.timings, "stopped_by_eos": r.stopped_by_eos})
     if args.batch:

@@ -12,6 +12,20 @@
 3. The NAR conditions on [prompt codes ; generated codes], both expanded to 12.5 Hz by their durations, with the
    prompt's real 24 kHz mel as the infilling prompt, and samples the generated part only.
 4. Vocos turns that mel into 24 kHz audio of exactly (Σ durations) × 4 × 480 samples.
+
+Other modes of the official inference code (tts.md §3):
+- ``ar_only=True`` (official ``use_nar=False``): the AR tokens and durations go straight to the codec's own
+  decoder (semantic codes only, no acoustic codes), giving the codec's rate (16 kHz) and (Σ durations) × hop
+  samples; no NAR or vocoder is needed.
+- ``predict_duration=False`` (official ``predict_duration=False``): the duration head is not used; every
+  generated token counts as one 12.5 Hz frame downstream (the official passes no durations: the NAR
+  expands with ones, the codec decodes without de-aggregation). In the AR the prompt tokens enter without
+  duration embeddings and every generated token carries the embedding of the last prompt token's duration
+  (the official decoder never updates it). Exact for τ = 1.0 (all durations are 1); at a merging threshold the
+  tokens of a duration-trained AR are rendered one frame each, i.e. faster speech.
+- ``resynthesize`` (official ``infer_voicebox_tts`` / ``infer_voicebox_librispeech``): source audio → codec
+  tokens and durations at a threshold → the NAR in the voice of a reference prompt → Vocos (24 kHz,
+  (source frames) × 1920 samples). NAR-only: no AR, no text.
 """
 from __future__ import annotations
 
@@ -23,11 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexitrain.audio.mel24k import HOP_LENGTH, SAMPLE_RATE as OUT_RATE, Mel24k
 from flexitrain.audio.resample import resample
-from flexitrain.models.tts.sampling import SamplingConfig, encode_prompt, generate, generate_batch
+from flexitrain.models.tts.sampling import (GenerationResult, SamplingConfig, _sample, encode_prompt, generate,
+                                            generate_batch)
 from flexitrain.tts import loading
 
 log = logging.getLogger(__name__)
@@ -56,6 +72,15 @@ class TTSRequest:
     threshold: float | None = None
     seed: int = 0
     id: str = ""
+    ar_only: bool = False                # decode the AR tokens with the codec (16 kHz), no NAR / vocoder
+    predict_duration: bool = True        # False: every generated token is one 12.5 Hz frame
+    source_wav: str | Path | None = None  # set (or source_audio): resynthesise this audio, `text` is unused
+    source_audio: Tensor | None = None
+    source_sample_rate: int = 16000
+
+    @property
+    def is_resynthesis(self) -> bool:
+        return self.source_wav is not None or self.source_audio is not None
 
 
 @dataclass
@@ -68,7 +93,8 @@ class TTSResult:
     prompt_durations: Tensor      # [P]
     threshold: float
     stopped_by_eos: bool
-    timings: dict = field(default_factory=dict)  # seconds: prompt, ar, nar, vocoder, total
+    timings: dict = field(default_factory=dict)  # seconds per stage that ran (prompt, ar, nar, vocoder, ...) + total
+    mode: str = "tts"             # "tts", "ar-only" (codec decoder) or "resynthesis" (tokens = the source's)
 
     @property
     def seconds(self) -> float:
@@ -91,24 +117,68 @@ class TTSResult:
         return self.timings.get("total", float("nan")) / self.seconds if self.seconds else float("nan")
 
 
-def read_prompt(path: str | Path) -> tuple[Tensor, int]:
+def read_prompt(path: str | Path, what: str = "prompt wav") -> tuple[Tensor, int]:
+    """A mono float waveform and its rate (channels averaged)."""
     import soundfile as sf
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"prompt wav {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     audio, sr = sf.read(str(p), dtype="float32", always_2d=True)
     if audio.shape[0] == 0:
-        raise ValueError(f"prompt wav {str(path)!r} is empty")
+        raise ValueError(f"{what} {str(path)!r} is empty")
     return torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1))), int(sr)
 
 
+@torch.inference_mode()
+def generate_fixed_rate(model: nn.Module, text: Tensor, framerate: float | None, prompt_tokens: Tensor | None,
+                        prompt_durations: Tensor | None, config: SamplingConfig | None = None,
+                        generator: torch.Generator | None = None, min_tokens: int = 0) -> GenerationResult:
+    """The official ``predict_duration=False`` decode of one utterance (see the module docstring): no duration
+    head, prompt tokens without duration embeddings, every generated token conditioned on the last prompt
+    token's duration; returned durations are all 1. text [1, L] (prompt text included), prompt [1, P]."""
+    cfg = config or SamplingConfig()
+    prefix = model.decode_prefix(text, framerate)
+    previous = 0  # the "start" duration id when there is no prompt
+    if prompt_tokens is not None and prompt_tokens.numel():
+        prefix = torch.cat([prefix, model.speech_inputs(prompt_tokens, None).to(prefix.dtype)], dim=1)
+        if model.use_duration_conditioning:
+            previous = int(prompt_durations[0, -1])
+    max_len = int(text.size(1) * cfg.max_token_text_ratio)
+    if cfg.max_tokens is not None:
+        max_len = min(max_len, cfg.max_tokens)
+    min_len = min(max(int(text.size(1) * cfg.min_token_text_ratio), int(min_tokens)), max_len)
+    condition = torch.tensor([[previous]], device=text.device)
+    tokens, cache, new_input, stopped = [], None, prefix, False
+    for i in range(max_len):
+        hidden, cache = model.step(new_input, cache)
+        logits = model.llm_decoder(hidden)[0]
+        if i < min_len:
+            logits = logits.clone()
+            logits[model.eos_id] = float("-inf")
+        token = _sample(logits, cfg.top_k, cfg.temperature, generator)
+        if token == model.eos_id:
+            stopped = True
+            break
+        tokens.append(token)
+        new_input = model.speech_inputs(torch.tensor([[token]], device=text.device), condition).to(prefix.dtype)
+    out = torch.tensor([tokens], dtype=torch.long, device=text.device).view(1, -1)
+    return GenerationResult(out, torch.ones_like(out), stopped, {})
+
+
 class TTSPipeline:
-    def __init__(self, ar: nn.Module, nar: nn.Module, vocoder: nn.Module, codec: nn.Module, teacher: nn.Module,
-                 frame_rates: dict[float, float] | None = None, sampling: SamplingConfig | None = None,
-                 nar_config: NARConfig | None = None, device: str | torch.device = "cpu", min_prompt_pace: float = 0.0):
+    """The three stages plus the codec (and its SenseVoice teacher) that tokenises prompts and sources.
+
+    ar / nar / vocoder may be None when a mode does not need them: ``ar_only`` needs the AR and a codec with a
+    decoder; ``resynthesize`` needs the NAR and the vocoder; plain synthesis needs all three."""
+
+    def __init__(self, ar: nn.Module | None, nar: nn.Module | None, vocoder: nn.Module | None, codec: nn.Module,
+                 teacher: nn.Module, frame_rates: dict[float, float] | None = None,
+                 sampling: SamplingConfig | None = None, nar_config: NARConfig | None = None,
+                 device: str | torch.device = "cpu", min_prompt_pace: float = 0.0, zh_g2p: str = "hanzi",
+                 g2p: bool = True):
         self.device = torch.device(device)
-        self.ar, self.nar, self.vocoder = ar.eval().to(self.device), nar.eval().to(self.device), vocoder.eval().to(self.device)
+        self.ar, self.nar, self.vocoder = (None if m is None else m.eval().to(self.device) for m in (ar, nar, vocoder))
         self.codec, self.teacher = codec.eval().to(self.device), teacher.eval().to(self.device)
         self.frame_rates = dict(frame_rates or DEFAULT_FRAME_RATES)
         self.sampling = sampling or SamplingConfig()
@@ -117,6 +187,7 @@ class TTSPipeline:
         # (the official decoder has only the text-ratio floor); it keeps weak models (the CPU demos) from stopping
         # at the typical utterance length counted from the start of the prompt.
         self.min_prompt_pace = float(min_prompt_pace)
+        self.zh_g2p, self.g2p = zh_g2p, bool(g2p)
         self.mel = Mel24k().to(self.device)
         self._frontend = None
         self._prompt_cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
@@ -124,14 +195,15 @@ class TTSPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_checkpoints(cls, ar: str | Path, nar: str | Path, vocoder: str | Path, codec: str | Path | None = None,
-                         teacher: dict | None = None, **kwargs) -> "TTSPipeline":
-        """Each stage from a local file (see `flexitrain.tts.loading`). The codec that tokenises the prompt is
-        `codec` (a CodecTask ``.ckpt`` or an exported FlexiCodec directory, with `teacher` settings for the
-        latter), else the one the AR checkpoint was trained against, else the NAR's."""
-        ar_model, ar_codec = loading.load_ar(ar)
-        nar_model, nar_codec = loading.load_nar(nar)
-        vocoder_model = loading.load_vocoder(vocoder)
+    def from_checkpoints(cls, ar: str | Path | None, nar: str | Path | None, vocoder: str | Path | None,
+                         codec: str | Path | None = None, teacher: dict | None = None, **kwargs) -> "TTSPipeline":
+        """Each stage from a local file (see `flexitrain.tts.loading`); a stage given as None is not loaded
+        (AR-only: no NAR / vocoder; resynthesis: no AR). The codec that tokenises the prompt is `codec` (a
+        CodecTask ``.ckpt`` or an exported FlexiCodec directory, with `teacher` settings for the latter), else
+        the one the AR checkpoint was trained against, else the NAR's."""
+        ar_model, ar_codec = loading.load_ar(ar) if ar is not None else (None, None)
+        nar_model, nar_codec = loading.load_nar(nar) if nar is not None else (None, None)
+        vocoder_model = loading.load_vocoder(vocoder) if vocoder is not None else None
         if codec is not None:
             from flexitrain.evaluation.loading import load_codec
 
@@ -148,25 +220,40 @@ class TTSPipeline:
 
     def _check_compatible(self) -> None:
         codes = int(self.codec.semantic_vq.codebook_size)
-        if codes > self.ar.speech_token_size:
+        if self.ar is not None and codes > self.ar.speech_token_size:
             raise ValueError(f"the codec has {codes} semantic codes but the AR model only {self.ar.speech_token_size}")
-        if codes > self.nar.config.cond_codebook_size:
+        if self.nar is not None and codes > self.nar.config.cond_codebook_size:
             raise ValueError(f"the codec has {codes} semantic codes but the NAR only {self.nar.config.cond_codebook_size}")
-        if self.nar.config.mel_dim != self.vocoder.input_channels:
+        if self.nar is not None and self.vocoder is not None and self.nar.config.mel_dim != self.vocoder.input_channels:
             raise ValueError(f"NAR mel_dim {self.nar.config.mel_dim} != vocoder input {self.vocoder.input_channels}")
-        if getattr(self.vocoder, "hop_size", HOP_LENGTH) != HOP_LENGTH:
+        if self.vocoder is not None and getattr(self.vocoder, "hop_size", HOP_LENGTH) != HOP_LENGTH:
             raise ValueError(f"the vocoder's hop must be {HOP_LENGTH} (the NAR's 50 Hz mel at 24 kHz)")
+
+    def _require(self, *, ar: bool = False, nar_vocoder: bool = False, codec_decoder: bool = False, why: str) -> None:
+        """A clear error when the stages a mode needs were not given."""
+        missing = [name for name, need, have in (("an AR model", ar, self.ar), ("a NAR model", nar_vocoder, self.nar),
+                                                 ("a vocoder", nar_vocoder, self.vocoder)) if need and have is None]
+        if missing:
+            raise ValueError(f"{why} needs {' and '.join(missing)}, which this pipeline was built without")
+        if codec_decoder and not (callable(getattr(self.codec, "decode_codes", None))
+                                  and hasattr(self.codec, "hop_length")):
+            raise ValueError(f"{why} decodes the AR tokens with the codec's own decoder, but the codec "
+                             f"({type(self.codec).__name__}) has no decode_codes/hop_length: use a FlexiCodec, "
+                             "or the NAR + vocoder path")
 
     @property
     def frontend(self):
         if self._frontend is None:
             from flexitrain.text import TextFrontend
 
-            self._frontend = TextFrontend(g2p=True, g2p_prob=1.0)  # inference: always full G2P (official)
+            # inference: always full G2P (official)
+            self._frontend = TextFrontend(g2p=self.g2p, g2p_prob=1.0, zh_g2p=self.zh_g2p)
         return self._frontend
 
-    def threshold_for(self, frame_rate: float | None = None, threshold: float | None = None) -> float:
-        """A merging threshold from a frame rate in Hz (nearest configured within 0.3 Hz) or as given."""
+    def threshold_for(self, frame_rate: float | None = None, threshold: float | None = None,
+                      check_ar: bool = True) -> float:
+        """A merging threshold from a frame rate in Hz (nearest configured within 0.3 Hz) or as given;
+        `check_ar`: it must be one the AR was trained at (not needed for NAR-only resynthesis)."""
         if threshold is None:
             if frame_rate is None:
                 raise ValueError("give a frame rate (Hz) or a merging threshold")
@@ -175,22 +262,27 @@ class TTSPipeline:
                 raise ValueError(f"frame rate {frame_rate} Hz is not configured; choose one of "
                                  f"{sorted(self.frame_rates)} Hz (frame_rates maps Hz to merging thresholds)")
             threshold = self.frame_rates[best]
-        if self.ar.framerate_options:
+        if check_ar and self.ar is not None and self.ar.framerate_options:
             self.ar.framerate_index(threshold)  # a clear error for a threshold the AR was not trained at
         return float(threshold)
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
-    def encode_prompt(self, audio: Tensor, sample_rate: int, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Prompt waveform → (tokens [P], durations [P], normalised 24 kHz mel [T, 128])."""
-        audio = audio.float().reshape(-1).to(self.device)
-        audio16 = resample(audio[None], sample_rate, self.codec.sample_rate)[0]
+    def encode_tokens(self, audio: Tensor, sample_rate: int, threshold: float) -> tuple[Tensor, Tensor]:
+        """Waveform [N] at any rate → codec (tokens [P], durations [P]) at `threshold`."""
+        audio16 = resample(audio.float().reshape(-1).to(self.device)[None], sample_rate, self.codec.sample_rate)[0]
         feats, feat_lens = loading.teacher_features(self.teacher, audio16)
         tokens, durations = encode_prompt(self.codec, audio16[None], torch.tensor([audio16.numel()], device=self.device),
                                           threshold, feats, feat_lens)
-        audio24 = resample(audio[None], sample_rate, OUT_RATE)
+        return tokens[0], durations[0]
+
+    @torch.no_grad()
+    def encode_prompt(self, audio: Tensor, sample_rate: int, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Prompt waveform → (tokens [P], durations [P], normalised 24 kHz mel [T, 128])."""
+        tokens, durations = self.encode_tokens(audio, sample_rate, threshold)
+        audio24 = resample(audio.float().reshape(-1).to(self.device)[None], sample_rate, OUT_RATE)
         mel = self.mel(audio24)[0].transpose(0, 1)
-        return tokens[0], durations[0], mel
+        return tokens, durations, mel
 
     def min_tokens(self, text: str, prompt_text: str, language: str, prompt_tokens: int) -> int:
         if self.min_prompt_pace <= 0 or not prompt_text.strip() or prompt_tokens == 0:
@@ -216,12 +308,33 @@ class TTSPipeline:
             self._prompt_cache[key] = self.encode_prompt(*read_prompt(prompt_wav), threshold)
         return self._prompt_cache[key]
 
+    def _generate(self, text_ids: Tensor, threshold: float, prompt, seed: int, min_tokens: int,
+                  predict_duration: bool) -> GenerationResult:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        if not predict_duration:
+            return generate_fixed_rate(self.ar, text_ids, threshold, prompt[0][None], prompt[1][None],
+                                       config=self.sampling, generator=generator, min_tokens=min_tokens)
+        return generate(self.ar, text_ids, threshold, prompt_tokens=prompt[0][None], prompt_durations=prompt[1][None],
+                        config=self.sampling, generator=generator, min_tokens=min_tokens)
+
     def _render(self, tokens: Tensor, durations: Tensor, prompt: tuple[Tensor, Tensor, Tensor], seed: int,
-                stopped: bool, threshold: float, timings: dict) -> TTSResult:
-        """NAR + vocoder for one utterance's generated tokens."""
+                stopped: bool, threshold: float, timings: dict, ar_only: bool = False,
+                mode: str = "tts") -> TTSResult:
+        """Generated tokens → audio: the codec decoder (AR-only) or NAR + vocoder."""
         if tokens.numel() == 0:
             raise RuntimeError("the AR model produced no tokens (EOS first): an untrained model or a too strict "
                                "min/max token ratio")
+        if ar_only:
+            audio, sample_rate, stage_timings = self._decode_with_codec(tokens, durations)
+        else:
+            audio, sample_rate, stage_timings = self._nar_vocoder(tokens, durations, prompt, seed)
+        timings = {**timings, **stage_timings}
+        timings["total"] = sum(timings.values())
+        p_tokens, p_durations = prompt[0], prompt[1]
+        return TTSResult(audio, sample_rate, tokens.cpu(), durations.cpu(), p_tokens.cpu(), p_durations.cpu(),
+                         threshold, stopped, timings, "ar-only" if ar_only else mode)
+
+    def _nar_vocoder(self, tokens: Tensor, durations: Tensor, prompt, seed: int) -> tuple[Tensor, int, dict]:
         p_tokens, p_durations, p_mel = prompt
         nc = self.nar_config
         t0 = time.perf_counter()
@@ -229,45 +342,97 @@ class TTSPipeline:
                                   n_timesteps=nc.n_timesteps, cfg=nc.cfg, rescale_cfg=nc.rescale_cfg, seed=int(seed))
         t1 = time.perf_counter()
         audio = self.vocoder(mel.transpose(0, 1)[None].float())[0, 0].clamp(-1, 1).cpu()
-        t2 = time.perf_counter()
-        timings = {**timings, "nar": t1 - t0, "vocoder": t2 - t1}
-        timings["total"] = sum(timings[k] for k in ("prompt", "ar", "nar", "vocoder"))
-        return TTSResult(audio, OUT_RATE, tokens.cpu(), durations.cpu(), p_tokens.cpu(), p_durations.cpu(), threshold,
-                         stopped, timings)
+        return audio, OUT_RATE, {"nar": t1 - t0, "vocoder": time.perf_counter() - t1}
+
+    def _decode_with_codec(self, tokens: Tensor, durations: Tensor) -> tuple[Tensor, int, dict]:
+        """Official ``use_nar=False``: semantic codes only (no acoustic codes) through the codec's decoder,
+        trimmed / zero-padded to exactly (Σ durations) × hop samples at the codec's rate."""
+        t0 = time.perf_counter()
+        audio = self.codec.decode_codes(tokens[None].to(self.device), None, durations[None].to(self.device))[0, 0]
+        n = int(durations.sum()) * int(self.codec.hop_length)
+        audio = F.pad(audio.float(), (0, max(0, n - audio.numel())))[:n].clamp(-1, 1).cpu()
+        return audio, int(self.codec.sample_rate), {"codec": time.perf_counter() - t0}
 
     @torch.no_grad()
     def synthesize(self, text: str, prompt_wav: str | Path | None = None, prompt_text: str = "", *,
                    prompt_audio: Tensor | None = None, prompt_sample_rate: int = 16000, frame_rate: float | None = None,
-                   threshold: float | None = None, language: str = "en", seed: int = 0) -> TTSResult:
+                   threshold: float | None = None, language: str = "en", seed: int = 0, ar_only: bool = False,
+                   predict_duration: bool = True) -> TTSResult:
+        """Text in the voice of the prompt. ar_only: decode with the codec instead of NAR + vocoder;
+        predict_duration=False: every generated token is one 12.5 Hz frame (see the module docstring)."""
+        self._require(ar=True, nar_vocoder=not ar_only, codec_decoder=ar_only,
+                      why="AR-only synthesis" if ar_only else "text-to-speech")
         if not text.strip():
             raise ValueError("text is empty")
         thr = self.threshold_for(frame_rate, threshold)
         t0 = time.perf_counter()
         prompt = self._prompt(prompt_wav, prompt_audio, prompt_sample_rate, thr)
         t1 = time.perf_counter()
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        gen = generate(self.ar, self.text_ids(text, prompt_text, language), thr, prompt_tokens=prompt[0][None],
-                       prompt_durations=prompt[1][None], config=self.sampling, generator=generator,
-                       min_tokens=self.min_tokens(text, prompt_text, language, prompt[0].numel()))
+        gen = self._generate(self.text_ids(text, prompt_text, language), thr, prompt, seed,
+                             self.min_tokens(text, prompt_text, language, prompt[0].numel()), predict_duration)
         t2 = time.perf_counter()
         return self._render(gen.tokens[0], gen.durations[0], prompt, seed, gen.stopped_by_eos, thr,
-                            {"prompt": t1 - t0, "ar": t2 - t1})
+                            {"prompt": t1 - t0, "ar": t2 - t1}, ar_only=ar_only)
+
+    @torch.no_grad()
+    def resynthesize(self, source_wav: str | Path | None = None, prompt_wav: str | Path | None = None, *,
+                     source_audio: Tensor | None = None, source_sample_rate: int = 16000,
+                     prompt_audio: Tensor | None = None, prompt_sample_rate: int = 16000,
+                     frame_rate: float | None = None, threshold: float | None = None, seed: int = 0) -> TTSResult:
+        """NAR-only resynthesis (official ``infer_voicebox_tts``): the source's codec tokens and durations at the
+        threshold, rendered by the NAR in the prompt's voice, then Vocos → 24 kHz, (source frames) × 1920
+        samples. The prompt may be the source itself (plain reconstruction through the NAR)."""
+        self._require(nar_vocoder=True, why="resynthesis")
+        if source_wav is None and source_audio is None:
+            raise ValueError("resynthesis needs source audio: give source_wav (a file) or source_audio (a waveform)")
+        thr = self.threshold_for(frame_rate, threshold, check_ar=False)  # the NAR is frame-rate agnostic
+        t0 = time.perf_counter()
+        if source_audio is None:
+            source_audio, source_sample_rate = read_prompt(source_wav, "source wav")
+        tokens, durations = self.encode_tokens(source_audio, source_sample_rate, thr)
+        t1 = time.perf_counter()
+        prompt = self._prompt(prompt_wav, prompt_audio, prompt_sample_rate, thr)
+        t2 = time.perf_counter()
+        return self._render(tokens, durations, prompt, seed, True, thr, {"source": t1 - t0, "prompt": t2 - t1},
+                            mode="resynthesis")
 
     def synthesize_request(self, request: TTSRequest) -> TTSResult:
-        return self.synthesize(request.text, request.prompt_wav, request.prompt_text, prompt_audio=request.prompt_audio,
-                               prompt_sample_rate=request.prompt_sample_rate, frame_rate=request.frame_rate,
-                               threshold=request.threshold, language=request.language, seed=request.seed)
+        r = request
+        if r.is_resynthesis:
+            if r.ar_only or not r.predict_duration:
+                raise ValueError("a resynthesis request renders the source's own tokens and durations with the "
+                                 "NAR: it does not go with ar_only or predict_duration=False")
+            return self.resynthesize(r.source_wav, r.prompt_wav, source_audio=r.source_audio,
+                                     source_sample_rate=r.source_sample_rate, prompt_audio=r.prompt_audio,
+                                     prompt_sample_rate=r.prompt_sample_rate, frame_rate=r.frame_rate,
+                                     threshold=r.threshold, seed=r.seed)
+        return self.synthesize(r.text, r.prompt_wav, r.prompt_text, prompt_audio=r.prompt_audio,
+                               prompt_sample_rate=r.prompt_sample_rate, frame_rate=r.frame_rate,
+                               threshold=r.threshold, language=r.language, seed=r.seed, ar_only=r.ar_only,
+                               predict_duration=r.predict_duration)
+
+    def _one_at_a_time(self, request: TTSRequest) -> TTSResult | Exception:
+        try:
+            return self.synthesize_request(request)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            return e
 
     @torch.no_grad()
     def synthesize_batch(self, requests: list[TTSRequest], max_batch: int = 16) -> list[TTSResult | Exception]:
         """Several utterances: the AR decodes up to `max_batch` of them together (KV-cached, each with its own
-        threshold and prompt); the NAR and vocoder run per utterance. The AR draws from one generator seeded by
-        the batch's first request (greedy decoding equals one-at-a-time). A request that fails (missing prompt,
+        threshold and prompt); the NAR and vocoder (or the codec decoder) run per utterance. The AR draws from
+        one generator seeded by the batch's first request (greedy decoding equals one-at-a-time). Resynthesis
+        and ``predict_duration=False`` requests run one at a time. A request that fails (missing prompt,
         unknown frame rate, no tokens) gets its exception in its slot; the others are synthesised."""
         results: list[TTSResult | Exception | None] = [None] * len(requests)
         ready = []
         for i, r in enumerate(requests):
+            if r.is_resynthesis or not r.predict_duration:
+                results[i] = self._one_at_a_time(r)
+                continue
             try:
+                self._require(ar=True, nar_vocoder=not r.ar_only, codec_decoder=r.ar_only,
+                              why="AR-only synthesis" if r.ar_only else "text-to-speech")
                 if not r.text.strip():
                     raise ValueError("text is empty")
                 thr = self.threshold_for(r.frame_rate, r.threshold)
@@ -290,14 +455,16 @@ class TTSPipeline:
             for (i, thr, prompt, _, prompt_s, _), gen in zip(chunk, gens):
                 try:
                     results[i] = self._render(gen.tokens[0], gen.durations[0], prompt, requests[i].seed,
-                                              gen.stopped_by_eos, thr, {"prompt": prompt_s, "ar": ar_share})
+                                              gen.stopped_by_eos, thr, {"prompt": prompt_s, "ar": ar_share},
+                                              ar_only=requests[i].ar_only)
                 except RuntimeError as e:
                     results[i] = e
         return results
 
 
 def expected_num_samples(durations: Tensor, scale_factor: int = 4, hop: int = HOP_LENGTH) -> int:
-    """Output length for generated durations: 12.5 Hz frames × 4 (50 Hz mel) × 480 samples."""
+    """Output length for generated durations: 12.5 Hz frames × 4 (50 Hz mel) × 480 samples (NAR + Vocos);
+    for AR-only output pass scale_factor=1, hop=codec.hop_length (1280 at 16 kHz)."""
     return int(durations.sum()) * scale_factor * hop
 
 
@@ -309,4 +476,5 @@ def summarise(results: list[TTSResult]) -> dict:
     return {"utterances": len(results), "audio_seconds": seconds, "synthesis_seconds": total,
             "rtf": total / seconds if seconds else float("nan"),
             "frame_rate": float(np.mean(rates)) if rates else float("nan"),
-            "stage_seconds": {k: sum(r.timings.get(k, 0.0) for r in results) for k in ("prompt", "ar", "nar", "vocoder")}}
+            "stage_seconds": {k: sum(r.timings.get(k, 0.0) for r in results)
+                              for k in ("source", "prompt", "ar", "nar", "vocoder", "codec")}}

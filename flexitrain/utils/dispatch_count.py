@@ -37,8 +37,8 @@ mode without NaN checks while active, so nodes remember their forward stack).
 
 Reads of CPU tensors from inside ``torch/optim`` (the ``step`` counters of non-capturable optimisers, which
 stay on the host on GPUs too) or under a function named in ``host_functions`` (default: Lightning's
-``on_before_batch_transfer`` hook, which sees the batch before it moves to the device, and `host_random`,
-a draw from a CPU generator) are not syncs; with
+``on_before_batch_transfer`` hook, which sees the batch before it moves to the device, `host_random`, a draw
+from a CPU generator, and the codec's `check_host_lengths`, given host lengths only) are not syncs; with
 ``cpu_as_device`` they are counted apart in ``host_only``.
 
 On CUDA, ``CudaSyncDebug`` (or ``SyncCounter(cuda_sync_debug=True)``) additionally turns on
@@ -260,7 +260,7 @@ class SyncCounter:
 
     def __init__(self, cpu_as_device: bool = True, roots: Iterable[str] | None = None,
                  cuda_sync_debug: bool = False, trace_backward: bool = True,
-                 host_functions: Iterable[str] = ("on_before_batch_transfer", "host_random")):
+                 host_functions: Iterable[str] = ("on_before_batch_transfer", "host_random", "check_host_lengths")):
         self.cpu_as_device = cpu_as_device
         self.roots = tuple(os.path.abspath(r) for r in (roots or (_PKG_DIR,)))
         self.cuda_sync_debug = cuda_sync_debug

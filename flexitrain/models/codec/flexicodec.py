@@ -44,6 +44,14 @@ from .transformer import ProjectedTransformer
 _EXTRA_ARGS = ("semantic_teacher",)
 
 
+def check_host_lengths(lengths, low: int, high: int, message: str) -> None:
+    """Raise ``message`` unless every length lies in [low, high]. Only ever given host data (a list or a CPU
+    tensor), so it never waits for a device; the sync counter (utils/dispatch_count.py) knows it by name."""
+    lengths = torch.as_tensor(lengths).long()
+    if lengths.numel() and (int(lengths.min()) < low or int(lengths.max()) > high):
+        raise ValueError(f"{message}, got {lengths.tolist()}")
+
+
 @dataclass
 class CodecTokens:
     """Output of :meth:`FlexiCodec.encode` (input to :meth:`FlexiCodec.decode`).
@@ -517,7 +525,8 @@ class FlexiCodec(nn.Module):
     def encode(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate: int = 16000,
                threshold: float | torch.Tensor = 0.91, num_quantizers: int | None = 8,
                semantic_features: torch.Tensor | None = None, semantic_lengths: torch.Tensor | None = None,
-               use_padding_mask: bool = True, return_alignment: bool = False) -> CodecTokens:
+               use_padding_mask: bool = True, return_alignment: bool = False,
+               sync_free: bool | None = None) -> CodecTokens:
         """Encode audio into tokens.
 
         wav: ``[N]``, ``[B, N]`` or ``[B, 1, N]`` at ``sample_rate`` (resampled to the codec rate);
@@ -530,14 +539,26 @@ class FlexiCodec(nn.Module):
         use_padding_mask=False reproduces the official (unmasked) computation.
         return_alignment: also return the merge (``tokens.alignment``, a :class:`TokenAlignment`: each token's
         frame span and the neighbour similarities compared with τ), e.g. to draw it.
+        sync_free (default: on accelerators; masked mode with features given): one host read per call, at
+        the end (the token count, to trim the group axis), instead of reads between kernels that leave a GPU
+        waiting: the group axis is padded to the frame count while computing and every item is masked. Codes
+        equal the other path's. On CPU host reads cost nothing and skipping unneeded masks is faster.
         """
         audio = _as_batch_audio(wav)
         B, _, N = audio.shape
         device = audio.device
+        if sync_free is None:
+            sync_free = device.type != "cpu"
+        sync_free = sync_free and use_padding_mask and semantic_features is not None
         in_lengths = (torch.full((B,), N, dtype=torch.long, device=device) if lengths is None
                       else torch.as_tensor(lengths, device=device).long())
-        if bool((in_lengths > N).any()) or bool((in_lengths <= 0).any()):
-            raise ValueError(f"lengths must be in [1, {N}], got {in_lengths.tolist()}")
+        bad_lengths = f"lengths must be in [1, {N}]"
+        host_lengths = lengths if lengths is not None and not (torch.is_tensor(lengths) and lengths.device.type != "cpu") \
+            else (None if sync_free else in_lengths)
+        if host_lengths is not None:  # a list or a CPU tensor: checked without waiting for the device
+            check_host_lengths(host_lengths, 1, N, bad_lengths)
+        else:
+            torch._assert_async(((in_lengths <= N) & (in_lengths > 0)).all(), bad_lengths)
         audio16, lengths16 = resample(audio, in_lengths, sample_rate, self.sample_rate)
         if semantic_features is None:
             semantic_features, semantic_lengths = self._teacher_features(audio16, lengths16)
@@ -550,9 +571,10 @@ class FlexiCodec(nn.Module):
             raise ValueError(f"num_quantizers must be in [1, {self.n_codebooks + 1}] or None")
 
         acoustic, semantic, frame_lengths = self.encode_frames(
-            audio16, semantic_features, lengths16 if use_padding_mask else None, semantic_lengths, use_padding_mask)
+            audio16, semantic_features, lengths16 if use_padding_mask else None, semantic_lengths, use_padding_mask,
+            host_checks=not sync_free)
         tau = self._threshold(threshold, B, device)
-        grouping = self.group(semantic, tau, frame_lengths, use_padding_mask)
+        grouping = self.group(semantic, tau, frame_lengths, use_padding_mask, static_groups=sync_free)
         group_mask = grouping.group_mask if use_padding_mask else None
         sem_tokens, ac_tokens = self.aggregate(acoustic, semantic, grouping, use_padding_mask)
         sem_codes, _, sem_decoded = self.semantic_branch(sem_tokens, group_mask)
@@ -566,6 +588,10 @@ class FlexiCodec(nn.Module):
         valid = grouping.group_mask
         token_lengths = grouping.token_lengths * valid
         semantic_codes = sem_codes.long() * valid.unsqueeze(1)
+        if sync_free:  # the one host read: trim the static group axis (T entries) to the largest token count
+            g = int(grouping.num_groups.max()) if B else 0
+            valid, token_lengths, semantic_codes = valid[:, :g], token_lengths[:, :g], semantic_codes[..., :g]
+            acoustic_codes = None if acoustic_codes is None else acoustic_codes[..., :g]
         if semantic_codes.shape[1] == 1:
             semantic_codes = semantic_codes[:, 0]
         if acoustic_codes is not None:
@@ -632,9 +658,12 @@ class FlexiCodec(nn.Module):
         return features
 
     def decode_codes(self, semantic_codes: torch.Tensor, acoustic_codes: torch.Tensor | None,
-                     token_lengths: torch.Tensor, use_padding_mask: bool = True) -> torch.Tensor:
+                     token_lengths: torch.Tensor, use_padding_mask: bool = True,
+                     num_frames: int | None = None) -> torch.Tensor:
         """Codes → raw decoder output ``[B, 1, hop·T - δ]`` (T = max frames), like the official
-        ``decode_from_codes`` (not trimmed). ``semantic_codes`` ``[B, G]`` or ``[B, C, G]``."""
+        ``decode_from_codes`` (not trimmed). ``semantic_codes`` ``[B, G]`` or ``[B, C, G]``.
+        ``num_frames``: T when the caller knows it (then nothing is read back to the host, and every item is
+        masked: the same values)."""
         if semantic_codes.dim() == 2:
             semantic_codes = semantic_codes.unsqueeze(1)
         token_lengths = token_lengths.long()
@@ -646,26 +675,36 @@ class FlexiCodec(nn.Module):
         acoustic = None if acoustic_codes is None else self.dac.quantizer.from_codes(acoustic_codes)
         frame_lengths = token_lengths.sum(1)
         if self.use_similarity_alignment:
-            f2g = frame_to_group_from_lengths(token_lengths)
+            f2g = frame_to_group_from_lengths(token_lengths, num_frames)
             latent = expand_groups(semantic, f2g)
             if acoustic is not None:
                 latent = expand_groups(acoustic, f2g) + latent
         else:
             latent = semantic if acoustic is None else acoustic + semantic
         # Masks only matter when items end at different frames (the batch's longest needs none).
-        ragged = use_padding_mask and bool((frame_lengths != latent.shape[-1]).any())
+        ragged = use_padding_mask and (num_frames is not None or bool((frame_lengths != latent.shape[-1]).any()))
         return self.decode_latent(latent, frame_lengths if ragged else None,
                                   channels_last=self.fast_conv_layout and not torch.is_grad_enabled())
 
     @torch.no_grad()
-    def decode(self, tokens: CodecTokens, sample_rate: int | None = None, use_padding_mask: bool = True) -> CodecAudio:
+    def decode(self, tokens: CodecTokens, sample_rate: int | None = None, use_padding_mask: bool = True,
+               sync_free: bool | None = None) -> CodecAudio:
         """Tokens → waveform at ``sample_rate`` (default: the encoded input's rate), each item
-        trimmed (or zero-padded) to its input length."""
-        audio = self.decode_codes(tokens.semantic_codes, tokens.acoustic_codes, tokens.token_lengths,
-                                  use_padding_mask).float()
-        B = audio.shape[0]
+        trimmed (or zero-padded) to its input length.
+        sync_free (default: on accelerators, masked mode): the sizes (frames, samples) are read back to the
+        host once, before any decoding work is queued, instead of between kernels; every item is masked."""
+        B = tokens.token_lengths.shape[0]
         lengths16 = torch.round(tokens.num_samples.double() * self.sample_rate / tokens.sample_rate).long()
-        n16 = int(lengths16.max()) if B else 0
+        if sync_free is None:
+            sync_free = tokens.token_lengths.device.type != "cpu"
+        num_frames = n16 = n_in = None
+        if sync_free and use_padding_mask and B:
+            num_frames, n16, n_in = torch.stack([tokens.token_lengths.sum(1).max(), lengths16.max(),
+                                                 tokens.num_samples.max()]).tolist()
+        audio = self.decode_codes(tokens.semantic_codes, tokens.acoustic_codes, tokens.token_lengths,
+                                  use_padding_mask, num_frames).float()
+        if n16 is None:
+            n16 = int(lengths16.max()) if B else 0
         audio = F.pad(audio, (0, max(0, n16 - audio.shape[-1])))[..., :n16]
         keep = torch.arange(n16, device=audio.device) < lengths16.to(audio.device).unsqueeze(1)
         audio = audio * keep.unsqueeze(1)
@@ -673,7 +712,7 @@ class FlexiCodec(nn.Module):
         audio, lengths = resample(audio, lengths16.to(audio.device), self.sample_rate, out_sr)
         if out_sr == tokens.sample_rate:
             lengths = tokens.num_samples.to(audio.device)
-            n = int(lengths.max()) if B else 0
+            n = n_in if n_in is not None else (int(lengths.max()) if B else 0)
             audio = F.pad(audio, (0, max(0, n - audio.shape[-1])))[..., :n]
         return CodecAudio(audio, lengths, out_sr)
 
