@@ -5,6 +5,11 @@ parameter names (``self_attn.linear_q``, ``pos_bias_u``, ``feed_forward.w_1``, .
 Both encoders of the model are causal (the official ``static_chunk_size=1``), so only relative distances
 >= 0 are ever attended to; the position table is built for those alone, which halves the attention-bias
 memory of the official 2T-1 table without changing any unmasked score.
+
+Decoding has two caches: the growing one of ``forward_chunk`` (a list of per-layer (keys, values), extended by
+torch.cat each call) and ``StaticKVCache`` (buffers allocated once, one column written per step by
+``forward_static`` at a position held in a device tensor, attention over the buffer with a position mask),
+whose steps all have the same shapes, as CUDA graphs need. Training (``forward``) uses neither.
 """
 
 from __future__ import annotations
@@ -74,6 +79,29 @@ class RelPositionMultiHeadedAttention(nn.Module):
         out = torch.matmul(attn, v).transpose(1, 2).reshape(x.size(0), t1, self.h * self.d_k)
         return self.linear_out(out), (k, v)
 
+    def forward_static(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+                       position: torch.Tensor, mask: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+        """One new position per row against static buffers (incremental decoding with fixed shapes).
+
+        x [B, 1, D]; keys/values [B, H, S, dk] buffers, this position's key/value is written at ``position``
+        (a one-element long tensor, never a host int) in place, and attention reads the first W columns,
+        W = ``mask.size(-1)``; pos [H, S, dk] = ``linear_pos`` of the distances 0..S-1 (``static_positions``);
+        mask [B, 1, 1, W] bool (True = may attend); distance [W] long = position - key column, clamped at 0.
+        Same arithmetic as ``forward`` with a cache; masked columns add exact zeros (an -inf score), so only
+        the summation order over W instead of the valid columns differs (a few ulp)."""
+        b, w = x.size(0), mask.size(-1)
+        q = self._heads(self.linear_q(x))
+        keys.index_copy_(2, position, self._heads(self.linear_k(x)))
+        values.index_copy_(2, position, self._heads(self.linear_v(x)))
+        k, v = keys[:, :, :w], values[:, :, :w]
+        matrix_ac = torch.matmul(q + self.pos_bias_u.unsqueeze(1), k.transpose(-2, -1))  # [B, H, 1, W]
+        by_distance = torch.matmul(q + self.pos_bias_v.unsqueeze(1), pos[:, :w].transpose(-2, -1))
+        matrix_bd = torch.gather(by_distance, 3, distance.expand(b, self.h, 1, w))
+        scores = (matrix_ac + matrix_bd) / math.sqrt(self.d_k)
+        attn = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, 1, self.h * self.d_k)
+        return self.linear_out(out)
+
 
 class PositionwiseFeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout_rate: float, activation: nn.Module):
@@ -105,6 +133,10 @@ class _PreLNBlock(nn.Module):
         x = x + self.dropout(att)
         x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
         return x, cache
+
+    def forward_static(self, x, keys, values, pos, position, mask, distance):
+        x = x + self.self_attn.forward_static(self.attn_norm(x), keys, values, pos, position, mask, distance)
+        return x + self.feed_forward(self.ff_norm(x))
 
 
 class LMBlock(_PreLNBlock):
@@ -201,6 +233,83 @@ class CausalRelPosEncoder(nn.Module):
             x, layer_cache = layer(x, mask, pos, None if cache is None else cache[i])
             new_cache.append(layer_cache)
         return self.after_norm(x), new_cache
+
+    # ---- static-shape incremental decoding (sampling.py): buffers allocated once, every step the same shapes
+    def static_positions(self, length: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer ``linear_pos`` of the distances 0..length-1 as [H, length, dk]: computed once per
+        generation instead of once per step and layer."""
+        table = relative_position_table(length, self.dim, like.device, like.dtype)
+        out = []
+        for layer in self.encoders:
+            att = layer.self_attn
+            out.append(att.linear_pos(table).view(length, att.h, att.d_k).transpose(0, 1).contiguous())
+        return out
+
+    def forward_static(self, x: torch.Tensor, cache: "StaticKVCache", position: torch.Tensor,
+                       window: int | None = None) -> torch.Tensor:
+        """x [B, 1, D]: the input at column ``position`` ([1] long tensor on x's device) -> output [B, 1, D];
+        writes the position's keys/values into ``cache`` in place. Attends over the first ``window`` columns
+        (default: all S; a smaller window must exceed the position, e.g. a host-side bucket of it), masking
+        columns after ``position`` and each row's left padding (``cache.offsets``). Decoding only (no dropout)."""
+        if self.training:
+            raise RuntimeError("forward_static is for decoding: call eval() first")
+        w = cache.length if window is None else window
+        steps = cache.steps[:w]
+        valid = steps <= position  # [W]
+        if cache.offsets is not None:
+            valid = valid & (steps >= cache.offsets.unsqueeze(1))  # [B, W]
+        mask = valid.view(-1, 1, 1, w)
+        distance = (position - steps).clamp(min=0)
+        x = x * self.xscale
+        for i, layer in enumerate(self.encoders):
+            x = layer.forward_static(x, cache.keys[i], cache.values[i], cache.pos[i], position, mask, distance)
+        return self.after_norm(x)
+
+
+class StaticKVCache:
+    """Static-shape key/value cache of a ``CausalRelPosEncoder`` for B rows and S columns: per layer key and
+    value buffers [B, H, S, dk] (zeros: masked columns must hold finite values, 0 x inf is NaN), the per-layer
+    relative-position projections [H, S, dk], the column indices 0..S-1 and optional left-padding offsets [B]
+    (row b's columns < offsets[b] are padding). Allocated once per generation; ``load`` copies a
+    ``forward_chunk`` cache (the prefix) into the first columns; ``forward_static`` then writes one column per
+    step, so every step runs with identical shapes (CUDA graphs, ``torch.compile(mode="reduce-overhead")``)."""
+
+    def __init__(self, encoder: CausalRelPosEncoder, batch: int, length: int, like: torch.Tensor,
+                 offsets: torch.Tensor | None = None):
+        att = encoder.encoders[0].self_attn
+        shape = (batch, att.h, length, att.d_k)
+        self.length = length
+        self.keys = [torch.zeros(shape, device=like.device, dtype=like.dtype) for _ in encoder.encoders]
+        self.values = [torch.zeros(shape, device=like.device, dtype=like.dtype) for _ in encoder.encoders]
+        self.pos = encoder.static_positions(length, like)
+        self.steps = torch.arange(length, device=like.device)
+        self.offsets = None if offsets is None else offsets.to(like.device).clone()
+
+    def refresh(self, encoder: CausalRelPosEncoder, offsets: torch.Tensor | None = None) -> None:
+        """Ready for another generation of the same shapes, in place (addresses kept, e.g. for CUDA graphs):
+        the position projections recomputed (the weights may have changed), the offsets replaced. Old keys and
+        values stay: finite, and masked until overwritten."""
+        if (offsets is None) != (self.offsets is None):
+            raise ValueError("refresh: offsets must be given exactly when the cache was built with offsets")
+        for p, new in zip(self.pos, encoder.static_positions(self.length, self.keys[0])):
+            p.copy_(new)
+        if offsets is not None:
+            self.offsets.copy_(offsets)
+
+    def load(self, cache: list[LayerCache]) -> int:
+        """Copy a growing cache (e.g. of the prefix) into columns 0..T-1 -> T."""
+        t = cache[0][0].size(2)
+        if t > self.length:
+            raise ValueError(f"a cache of {t} positions does not fit a static cache of {self.length}")
+        for (k, v), keys, values in zip(cache, self.keys, self.values):
+            keys[:, :, :t].copy_(k)
+            values[:, :, :t].copy_(v)
+        return t
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer (e.g. for ``torch._dynamo.mark_static_address``)."""
+        extra = [] if self.offsets is None else [self.offsets]
+        return [*self.keys, *self.values, *self.pos, self.steps, *extra]
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, gamma: float = 2.0,

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexitrain.models.tts.ar_layers import CausalRelPosEncoder, LayerCache, LMBlock, TextEncoderBlock, focal_loss
+from flexitrain.models.tts.ar_layers import (CausalRelPosEncoder, LayerCache, LMBlock, StaticKVCache, TextEncoderBlock,
+                                             focal_loss)
 
 IGNORE_ID = -1
 SOS_EOS, TASK_ID = 0, 1
@@ -257,6 +258,12 @@ class ARTTSModel(nn.Module):
         """Run new LM positions against the cache -> (hidden of the last position [B, D], new cache)."""
         out, cache = self.llm.forward_chunk(lm_input, cache)
         return out[:, -1], cache
+
+    def static_step(self, lm_input: torch.Tensor, cache: StaticKVCache, position: torch.Tensor,
+                    window: int | None = None) -> torch.Tensor:
+        """One new LM position [B, 1, D] at column ``position`` ([1] long tensor) of a static-shape cache (written
+        in place) -> its hidden state [B, D]; the same numbers as ``step`` up to summation order (a few ulp)."""
+        return self.llm.forward_static(lm_input, cache, position, window)[:, -1]
 
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
