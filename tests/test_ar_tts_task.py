@@ -160,7 +160,7 @@ def test_extracted_and_on_the_fly_targets_identical(tmp_path):
 def test_shard_without_tokens_and_bad_config(tmp_path):
     src = write_corpus(tmp_path / "raw", n=1)
     ds = ARTTSDataset([str(src / "shard-000000.tar")], thresholds=[0.91], source="shards", repeat=False, g2p=False)
-    with pytest.raises(ValueError, match="has no tokens.json"):
+    with pytest.raises(ValueError, match="samples have no tokens.json; run tools/extract_tokens.py"):
         list(ds)
     with pytest.raises(ValueError, match="needs targets.codec_ckpt"):
         ARTTSTask(MODEL, targets={"source": "codec"})
@@ -219,3 +219,21 @@ def test_batches_are_checked_on_the_host_and_not_in_the_step():
     batch["text"][0, 0] = MODEL["text_token_size"]
     with pytest.raises(ValueError, match="text ids must lie in"):
         task.on_before_batch_transfer(batch, 0)
+
+
+def test_item_without_tokens_is_skipped_and_counted(tmp_path):
+    """extract_tokens leaves an item whose audio it could not decode without tokens.json: training skips it."""
+    src = write_corpus(tmp_path / "raw", n=3)
+    out = tmp_path / "tok" / "shard-000000.tar"
+    out.parent.mkdir()
+    with tarfile.open(src / "shard-000000.tar") as tin, tarfile.open(out, "w") as tout:
+        for m in tin.getmembers():
+            tout.addfile(m, tin.extractfile(m))
+            if m.name.endswith(".json") and not m.name.startswith("utt001"):
+                data = json.dumps({"t0.91": {"codes": [1, 2, 3], "durations": [1, 2, 1]}}).encode()
+                info = tarfile.TarInfo(m.name.replace(".json", ".tokens.json"))
+                info.size = len(data)
+                tout.addfile(info, io.BytesIO(data))
+    ds = ARTTSDataset([str(out)], thresholds=[0.91], source="shards", repeat=False, g2p=False, shuffle=False)
+    items = [it for batch in ds for it in batch["keys"]]
+    assert sorted(items) == ["utt000", "utt002"]

@@ -2,7 +2,8 @@
 written into copies of WebDataset shards beside the audio.
 
     python tools/extract_tokens.py --shards data/demo/train --out data/demo_tokens/train \
-        --ckpt runs/codec_demo/main/checkpoints/last.ckpt --thresholds 0.86 0.91 [--teacher-random-init]
+        --ckpt runs/codec_demo/main/checkpoints/last.ckpt --thresholds 0.86 0.91 [--teacher-random-init] \
+        [--acoustic --num-quantizers 8]
 
 Every input shard ``<name>.tar`` becomes ``<out>/<name>.tar`` with all original members plus
 ``<key>.tokens.json``::
@@ -10,10 +11,22 @@ Every input shard ``<name>.tar`` becomes ``<out>/<name>.tar`` with all original 
     {"codec": "<ckpt path>", "sample_rate": 16000,
      "t0.86": {"codes": [...], "durations": [...]}, "t0.91": {...}}
 
-(``durations`` = 12.5 Hz frames merged into each token, 1..8). ``index.json`` is copied when present.
+(``durations`` = 12.5 Hz frames merged into each token, 1..8). ``--acoustic`` also writes the RVQ codes of each
+token, ``"acoustic": [[...] * n] * (Q - 1)`` per threshold, and ``"num_quantizers": Q`` (``--num-quantizers``,
+counting the semantic codebook); codes and durations are the same as without it. ``index.json`` is copied when
+present.
 Shards are written under a temporary name and renamed when complete; existing outputs are skipped, so an
 interrupted run can be restarted. The codec runs in eval mode in fp32 with padding masks, items batched by
-similar length.
+similar length (within a shard); the teacher runs once per batch for all thresholds.
+
+``--workers N`` (default min(4, CPUs); 0 = in this process) DataLoader worker processes read and decode whole
+shards (flexitrain.data.decode) and cut them into padded batches, so the main process only runs the teacher and
+the codec; shards arrive, and are written (by a background thread), in input order, so the output is the same
+for any ``--workers``. Bad input is reported and skipped, never fatal: a sample whose audio does not decode
+(corrupt, truncated, empty, NaN) keeps its members but gets no ``tokens.json``; an unreadable shard gets no output
+(and ``index.json`` is then not copied). At the end a ``summary:`` line gives hours of audio per hour of wall time
+and the main process's time split -- waiting for decoded shards (raise ``--workers`` if large), teacher, codec --
+followed by the stats as JSON.
 """
 
 from __future__ import annotations
@@ -22,19 +35,27 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tarfile
 import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexitrain.tasks.ar_tts_data import TOKENS_MEMBER, codec_targets, threshold_key  # noqa: E402
+from flexitrain.data.decode import DecodeConfig, decode_audio  # noqa: E402
+from flexitrain.data.pipeline import _shm_free_bytes, ignore_job_signals  # noqa: E402
+from flexitrain.data.stats import SKIP_REASONS  # noqa: E402
+from flexitrain.data.worker_exit import track_workers  # noqa: E402
+from flexitrain.tasks.ar_tts_data import TOKENS_MEMBER, threshold_key  # noqa: E402
 
 log = logging.getLogger("extract_tokens")
 
@@ -56,43 +77,116 @@ def read_shard(path: Path) -> list[tuple[str, dict[str, bytes]]]:
     return samples
 
 
-def decode(data: bytes, sample_rate: int) -> np.ndarray:
-    import soundfile as sf
-    import soxr
+class _Counts(Counter):
+    """The `DataStats.add` interface of flexitrain.data.decode, counting into a Counter; `last` = the latest reason."""
 
-    x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    x = x.mean(1)
-    return soxr.resample(x, sr, sample_rate).astype(np.float32) if sr != sample_rate else x
+    last = ""
+
+    def add(self, name: str, n: int = 1) -> None:
+        self[name] += n
+        self.last = name
 
 
-def extract_samples(samples, codec, teacher, thresholds: list[float], sample_rate: int = 16000,
-                    batch_seconds: float = 120.0, device: str = "cpu") -> dict[str, dict]:
-    """{key: tokens-json dict} for samples with audio; batches of similar length up to ``batch_seconds``."""
-    audio = {}
+# Everything the codec can take is kept, as before bad input was checked: no length or silence limits; undecodable,
+# truncated, empty or non-finite audio is skipped (reported, no tokens.json for that sample).
+def decode_config(sample_rate: int) -> DecodeConfig:
+    return DecodeConfig(sample_rate=sample_rate, crop_samples=None, random_crop=False, max_duration=math.inf,
+                        min_duration=0.0, silence_threshold=-1.0)
+
+
+def prepare_shard(samples, sample_rate: int = 16000, batch_seconds: float = 120.0) -> dict:
+    """Decode a shard's samples and cut them into padded batches of similar length (total samples up to
+    ``batch_seconds``): ``{"batches": [(keys, offset, B, T, lengths)], "audio": float32 [sum B*T]`` (every
+    batch's zero-padded ``[B, T]`` block from ``offset``), ``"skipped": [(key, reason)], "counts": Counter,
+    "audio_seconds"}``. Runs in the loader workers."""
+    cfg, counts = decode_config(sample_rate), _Counts()
+    audio, skipped = {}, []
     for key, members in samples:
         data = members.get("flac") or members.get("wav")
-        if data is not None:
-            audio[key] = decode(data, sample_rate)
+        if data is None:
+            continue  # no audio member: no tokens (as always), not counted as bad input
+        decoded = decode_audio(data, cfg, counts)
+        if decoded is None:
+            skipped.append((key, counts.last))
+            audio.pop(key, None)
+        else:
+            audio[key] = decoded[0]
     order = sorted(audio, key=lambda k: len(audio[k]))
-    out: dict[str, dict] = {k: {} for k in order}
-    start = 0
+    batches, offset, start = [], 0, 0
     while start < len(order):
         end = start + 1
         while end < len(order) and (end + 1 - start) * len(audio[order[end]]) <= batch_seconds * sample_rate:
             end += 1
         keys = order[start:end]
-        lengths = torch.tensor([len(audio[k]) for k in keys])
-        wav = torch.zeros(len(keys), int(lengths.max()))
-        for i, k in enumerate(keys):
-            wav[i, : len(audio[k])] = torch.from_numpy(audio[k])
-        wav, lengths = wav.to(device), lengths.to(device)
-        for thr in thresholds:
-            codes, durations, num = codec_targets(codec, teacher, wav, lengths, thr)
-            for i, k in enumerate(keys):
-                n = int(num[i])
-                out[k][threshold_key(thr)] = {"codes": codes[i, :n].tolist(), "durations": durations[i, :n].tolist()}
+        lengths = [len(audio[k]) for k in keys]
+        batches.append((keys, offset, len(keys), max(lengths), lengths))
+        offset += len(keys) * max(lengths)
         start = end
+    flat = np.zeros(offset, dtype=np.float32)
+    for keys, off, b, t, lengths in batches:
+        block = flat[off: off + b * t].reshape(b, t)
+        for i, k in enumerate(keys):
+            block[i, : lengths[i]] = audio[k]
+    return {"batches": batches, "audio": flat, "skipped": skipped, "counts": counts,
+            "audio_seconds": sum(len(x) for x in audio.values()) / sample_rate}
+
+
+def _targets(codec, audio, lengths, threshold, num_quantizers, semantic, semantic_lengths):
+    """`codec_targets` (same post-processing) for given teacher features, plus with ``num_quantizers > 1`` the RVQ
+    codes ``[B, num_quantizers - 1, T]`` from the same encode (the RVQ runs after the semantic codes and the
+    grouping, so those are the same as with ``num_quantizers=1``)."""
+    out = codec.encode(audio, lengths, threshold=threshold, num_quantizers=num_quantizers,
+                       semantic_features=semantic, semantic_lengths=semantic_lengths)
+    codes = out.semantic_codes[:, 0] if out.semantic_codes.dim() == 3 else out.semantic_codes
+    num = out.num_tokens.long()
+    t = int(num.max())
+    valid = torch.arange(t, device=num.device) < num.unsqueeze(1)
+    acoustic = out.acoustic_codes[..., :t].long() * valid.unsqueeze(1) if num_quantizers > 1 else None
+    return codes[:, :t].long() * valid, out.token_lengths[:, :t].long() * valid, num, acoustic
+
+
+@torch.no_grad()
+def encode_prepared(prepared: dict, codec, teacher, thresholds: list[float], device: str = "cpu",
+                    acoustic: int | None = None, timing: dict | None = None) -> dict[str, dict]:
+    """{key: tokens-json dict} for a `prepare_shard` result. The teacher runs once per batch (its features do not
+    depend on the threshold); ``timing`` gets the seconds spent in "teacher" and "codec" added."""
+    timing = {} if timing is None else timing
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    flat = torch.as_tensor(prepared["audio"])
+    out: dict[str, dict] = {}
+    for keys, off, b, t, lengths in prepared["batches"]:
+        for k in keys:
+            out[k] = {}
+        wav = flat[off: off + b * t].view(b, t).to(device)
+        lengths = torch.tensor(lengths).to(device)
+        t0 = time.perf_counter()
+        semantic = semantic_lengths = None
+        if teacher is not None:
+            semantic, semantic_lengths = teacher(wav, lengths)
+            sync()
+        t1 = time.perf_counter()
+        timing["teacher"] = timing.get("teacher", 0.0) + t1 - t0
+        for thr in thresholds:
+            codes, durations, num, rvq = _targets(codec, wav, lengths, thr, acoustic or 1, semantic,
+                                                  semantic_lengths)
+            codes, durations, num = codes.tolist(), durations.tolist(), num.tolist()
+            rvq = rvq.tolist() if rvq is not None else None
+            for i, k in enumerate(keys):
+                n = num[i]
+                out[k][threshold_key(thr)] = {"codes": codes[i][:n], "durations": durations[i][:n]}
+                if acoustic:
+                    out[k][threshold_key(thr)]["acoustic"] = [row[:n] for row in rvq[i]]
+                    out[k]["num_quantizers"] = acoustic
+        timing["codec"] = timing.get("codec", 0.0) + time.perf_counter() - t1
     return out
+
+
+def extract_samples(samples, codec, teacher, thresholds: list[float], sample_rate: int = 16000,
+                    batch_seconds: float = 120.0, device: str = "cpu", acoustic: int | None = None) -> dict[str, dict]:
+    """{key: tokens-json dict} for samples with decodable audio; batches of similar length up to ``batch_seconds``.
+    ``acoustic``: also the RVQ codes of that many codebooks (counting the semantic one, >= 2)."""
+    return encode_prepared(prepare_shard(samples, sample_rate, batch_seconds), codec, teacher, thresholds, device,
+                           acoustic)
 
 
 def write_shard(path: Path, samples, tokens: dict[str, dict], codec_id: str, sample_rate: int) -> int:
@@ -113,24 +207,154 @@ def write_shard(path: Path, samples, tokens: dict[str, dict], codec_id: str, sam
     return written
 
 
+class ShardReader(Dataset):
+    """Shard i -> its samples (raw members, for the output) + `prepare_shard`'s decoded batches, or the error that
+    made it unreadable. One shard per loader task: the DataLoader delivers them in shard order whatever the
+    number of workers, so the output does not depend on it."""
+
+    def __init__(self, shards: list[Path], sample_rate: int, batch_seconds: float, num_workers: int = 0):
+        self.shards, self.sample_rate, self.batch_seconds = list(shards), sample_rate, batch_seconds
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> dict:
+        start = time.perf_counter()
+        try:
+            samples = read_shard(self.shards[i])
+        except Exception as e:  # noqa: BLE001 - an unreadable (truncated, not a tar) shard is reported, not fatal
+            return {"index": i, "error": f"{type(e).__name__}: {e}", "decode_seconds": time.perf_counter() - start}
+        prepared = prepare_shard(samples, self.sample_rate, self.batch_seconds)
+        prepared["audio"] = self._share(prepared["audio"])
+        return {"index": i, "error": None, "samples": samples, **prepared,
+                "decode_seconds": time.perf_counter() - start}
+
+    def _share(self, audio: np.ndarray):
+        """A tensor (sent through shared memory) when /dev/shm has room for every worker's queued shards, else the
+        array (pickled through the worker's pipe: slower, but a small /dev/shm, e.g. docker's 64 MB, would fail)."""
+        if get_worker_info() is None:
+            return audio
+        queued = (PREFETCH + 1) * max(1, self.num_workers)
+        return torch.from_numpy(audio) if audio.nbytes * queued <= 0.5 * _shm_free_bytes() else audio
+
+
+PREFETCH = 2  # shards queued per worker
+
+
+def _as_is(item):
+    return item
+
+
+def _stop(iterator) -> None:
+    """Stop a loader iterator's workers now (an error in the main process): they ignore SIGTERM (job signals are
+    left to the main process), so any still busy reading are killed (as `worker_exit.stop_live_workers` does at
+    exit)."""
+    try:
+        iterator._shutdown_workers()
+    except Exception:  # noqa: BLE001
+        pass
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(5)
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
 def extract_dir(shards: list[Path], out_dir: Path, codec, teacher, thresholds: list[float], codec_id: str,
-                sample_rate: int = 16000, batch_seconds: float = 120.0, device: str = "cpu") -> dict:
+                sample_rate: int = 16000, batch_seconds: float = 120.0, device: str = "cpu",
+                acoustic: int | None = None, workers: int = 0, report: dict | None = None) -> dict:
+    """Tokenise every shard that has no output yet; returns ``{"shards", "skipped_existing", "items"}``.
+    ``workers`` > 0: shards are read and decoded in that many DataLoader worker processes (0: in this process),
+    the output is the same. ``report`` (a dict) gets the details: audio seconds, skipped samples by reason,
+    unreadable shards and the time split (see `format_summary`)."""
+    start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {"shards": 0, "skipped_existing": 0, "items": 0}
-    for shard in shards:
-        target = out_dir / shard.name
-        if target.exists():
-            stats["skipped_existing"] += 1
-            continue
-        samples = read_shard(shard)
-        tokens = extract_samples(samples, codec, teacher, thresholds, sample_rate, batch_seconds, device)
-        stats["items"] += write_shard(target, samples, tokens, codec_id, sample_rate)
-        stats["shards"] += 1
-        log.info("%s: %d items", target, len(tokens))
+    todo = [s for s in shards if not (out_dir / s.name).exists()]
+    stats["skipped_existing"] = len(shards) - len(todo)
+    timing = {"wait": 0.0, "teacher": 0.0, "codec": 0.0, "write": 0.0, "decode_in_workers": 0.0}
+    skipped, repaired, bad_shards, audio_seconds = Counter(), Counter(), [], 0.0
+    workers = min(max(0, int(workers)), len(todo))
+
+    def write(target: Path, samples, tokens: dict) -> int:
+        t = time.perf_counter()
+        n = write_shard(target, samples, tokens, codec_id, sample_rate)
+        timing["write"] += time.perf_counter() - t
+        log.info("%s: %d items", target, n)
+        return n
+
+    writer = ThreadPoolExecutor(1, thread_name_prefix="extract_tokens_writer")  # one: shards written in order
+    pending: deque = deque()
+    loader = DataLoader(ShardReader(todo, sample_rate, batch_seconds, workers), batch_size=None, shuffle=False,
+                        num_workers=workers, collate_fn=_as_is,
+                        **({"worker_init_fn": ignore_job_signals, "prefetch_factor": PREFETCH} if workers else {}))
+    iterator = iter(loader) if todo else iter(())
+    track_workers(iterator)  # stopped at interpreter exit if still running (they ignore SIGTERM)
+    try:
+        while True:
+            t = time.perf_counter()
+            item = next(iterator, None)
+            timing["wait"] += time.perf_counter() - t
+            if item is None:
+                break
+            shard = todo[item["index"]]
+            if workers:
+                timing["decode_in_workers"] += item["decode_seconds"]
+            if item["error"] is not None:
+                log.error("%s: unreadable shard, skipped (%s)", shard, item["error"])
+                bad_shards.append(str(shard))
+                continue
+            for key, reason in item["skipped"]:
+                log.warning("%s: %s: %s, skipped (no %s)", shard, key, reason, TOKENS_MEMBER)
+                skipped[reason] += 1
+            repaired.update({k: v for k, v in item["counts"].items() if k not in SKIP_REASONS})
+            tokens = encode_prepared(item, codec, teacher, thresholds, device, acoustic, timing)
+            audio_seconds += item["audio_seconds"]
+            while len(pending) > 1:  # at most one shard waiting behind the one being written
+                stats["items"] += pending.popleft().result()
+            pending.append(writer.submit(write, out_dir / shard.name, item["samples"], tokens))
+            stats["shards"] += 1
+        while pending:
+            stats["items"] += pending.popleft().result()
+    except BaseException:
+        _stop(iterator)
+        raise
+    finally:
+        writer.shutdown(wait=True)  # a shard being written is finished (and renamed): it is complete
     index = shards[0].parent / "index.json" if shards else None
     if index is not None and index.exists():
-        shutil.copy(index, out_dir / "index.json")
+        if all((out_dir / s.name).exists() for s in shards):
+            shutil.copy(index, out_dir / "index.json")
+        else:
+            log.warning("index.json not copied: not every shard has an output yet")
+    if report is not None:
+        report.update(audio_seconds=audio_seconds, seconds=time.perf_counter() - start, workers=workers,
+                      skipped=dict(skipped), repaired=dict(repaired), bad_shards=bad_shards, time=timing)
     return stats
+
+
+def format_summary(stats: dict, report: dict) -> str:
+    """One line: what was done, hours of audio per hour of wall time and where the time went."""
+    wall, hours = report["seconds"], report["audio_seconds"] / 3600
+    t = report["time"]
+    other = max(0.0, wall - t["wait"] - t["teacher"] - t["codec"])
+
+    def part(name, sec):
+        return f"{name} {sec:.1f}s ({100 * sec / wall if wall > 0 else 0:.0f}%)"
+
+    skipped = sum(report["skipped"].values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items()))
+    return (f"summary: {stats['shards']} shards ({stats['skipped_existing']} already done, "
+            f"{len(report['bad_shards'])} unreadable), {stats['items']} items, {skipped} skipped"
+            f"{f' ({reasons})' if reasons else ''}; {hours:.4f} h of audio in {wall:.1f}s = "
+            f"{hours / (wall / 3600) if wall > 0 else 0.0:.1f} hours of audio per hour; main process: "
+            f"{part('read/decode wait', t['wait'])}, {part('teacher', t['teacher'])}, {part('codec', t['codec'])}, "
+            f"{part('other', other)}; write {t['write']:.1f}s (background thread)"
+            + (f", decode {t['decode_in_workers']:.1f}s in {report['workers']} workers" if report["workers"] else ""))
 
 
 def main(argv=None) -> dict:
@@ -143,6 +367,12 @@ def main(argv=None) -> dict:
     p.add_argument("--teacher-random-init", action="store_true", help="random teacher (demo codecs only)")
     p.add_argument("--batch-seconds", type=float, default=120.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes reading and decoding shards while the codec runs (default: min(4, CPUs)); "
+                        "0: all in this process")
+    p.add_argument("--acoustic", action="store_true", help="also write the acoustic (RVQ) codes")
+    p.add_argument("--num-quantizers", type=int, default=8,
+                   help="with --acoustic: codebooks counting the semantic one (8 = FSQ + 7 RVQ)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -156,11 +386,25 @@ def main(argv=None) -> dict:
                        if args.teacher_random_init else 50}
     from flexitrain.evaluation.loading import load_codec
 
+    t = time.perf_counter()
     codec, teacher = load_codec(args.ckpt, teacher_cfg, device=args.device)
-    start = time.time()
+    load_seconds = time.perf_counter() - t
+    if args.acoustic and not 2 <= args.num_quantizers <= codec.n_codebooks + 1:
+        raise SystemExit(f"--num-quantizers {args.num_quantizers} must be in [2, {codec.n_codebooks + 1}] with "
+                         "--acoustic for this codec (1 would be the semantic codes only)")
+    report: dict = {}
     stats = extract_dir(shards, Path(args.out), codec, teacher, args.thresholds, str(args.ckpt),
-                        batch_seconds=args.batch_seconds, device=args.device)
-    stats["seconds"] = round(time.time() - start, 2)
+                        batch_seconds=args.batch_seconds, device=args.device,
+                        acoustic=args.num_quantizers if args.acoustic else None, workers=args.workers, report=report)
+    print(format_summary(stats, report) + f"; model load {load_seconds:.1f}s", flush=True)
+    t = report["time"]
+    stats.update(
+        skipped_items=sum(report["skipped"].values()), skipped=report["skipped"], repaired=report["repaired"],
+        bad_shards=report["bad_shards"], workers=report["workers"], audio_seconds=round(report["audio_seconds"], 2),
+        audio_hours=round(report["audio_seconds"] / 3600, 4),
+        seconds=round(report["seconds"], 2),
+        hours_per_hour=round(report["audio_seconds"] / report["seconds"], 2) if report["seconds"] > 0 else 0.0,
+        time={k: round(v, 2) for k, v in t.items()}, load_seconds=round(load_seconds, 2))
     print(json.dumps(stats))
     return stats
 

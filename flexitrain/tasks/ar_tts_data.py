@@ -103,12 +103,14 @@ class ARTTSDataset(IterableDataset):
         from flexitrain.data.pipeline import DataStats, iter_shard
         from flexitrain.data.decode import DecodeConfig, decode_audio, parse_meta
 
-        stats, decode_cfg = DataStats(0), DecodeConfig(sample_rate=self.sample_rate, max_duration=self.max_duration)
+        stats = DataStats(0, extra=("skipped/missing_tokens",))  # items extract_tokens could not tokenise
+        decode_cfg = DecodeConfig(sample_rate=self.sample_rate, max_duration=self.max_duration)
         urls = self.shard_order(epoch)
         by_shard = len(urls) >= parts  # enough shards: split shards, else split samples
         for si, url in enumerate(urls):
             if by_shard and si % parts != part:
                 continue
+            with_tokens = without_tokens = 0
             for ni, sample in enumerate(iter_shard(url, stats)):
                 if not by_shard and ni % parts != part:
                     continue
@@ -125,9 +127,11 @@ class ARTTSDataset(IterableDataset):
                     item["size"] = len(decoded[0]) / self.sample_rate * FRAME_RATE
                 else:
                     raw = sample.get(TOKENS_MEMBER)
-                    if raw is None:
-                        raise ValueError(f"{url}: sample {sample['__key__']} has no {TOKENS_MEMBER}; run "
-                                         "tools/extract_tokens.py or set task.targets.source=codec")
+                    if raw is None:  # e.g. audio that extract_tokens could not decode: skipped and counted
+                        without_tokens += 1
+                        stats.add("skipped/missing_tokens")
+                        continue
+                    with_tokens += 1
                     tokens = json.loads(raw)
                     missing = [k for k in self.keys if k not in tokens]
                     if missing:
@@ -138,6 +142,9 @@ class ARTTSDataset(IterableDataset):
                 item["text_ids"] = frontend([text], [item["language"]])[0]
                 item["size"] += len(item["text_ids"])
                 yield item
+            if without_tokens and not with_tokens:  # a shard never tokenised, not an item that failed
+                raise ValueError(f"{url}: its samples have no {TOKENS_MEMBER}; run tools/extract_tokens.py or set "
+                                 "task.targets.source=codec")
 
     def _batches(self, buffer: list[dict], rng: random.Random) -> list[list[dict]]:
         buffer.sort(key=lambda it: it["size"])
