@@ -84,8 +84,12 @@ def _encode_windows(codec, teacher, audio: torch.Tensor, lengths: torch.Tensor, 
     semantic = semantic_lengths = None
     if teacher is not None:  # as the evaluation code: features from a separately loaded teacher
         semantic, semantic_lengths = teacher(audio[:, 0], lengths)
+    # sync_free: the token axis is as long as the frame axis while computing, so every full window has the same
+    # shapes (CPU convolution libraries cache a kernel per shape: varying token counts would grow memory with the
+    # number of windows); the codes are the same.
     out = codec.encode(audio, lengths, sample_rate=codec.sample_rate, threshold=threshold,
-                       num_quantizers=num_quantizers, semantic_features=semantic, semantic_lengths=semantic_lengths)
+                       num_quantizers=num_quantizers, semantic_features=semantic, semantic_lengths=semantic_lengths,
+                       sync_free=semantic is not None)
     sem = out.semantic_codes if out.semantic_codes.dim() == 3 else out.semantic_codes.unsqueeze(1)
     bits = (out.bitrate / out.frame_rate.clamp(min=1e-12)).tolist()
     num, frames = out.num_tokens.tolist(), out.num_frames.tolist()
@@ -225,12 +229,19 @@ def decode_long(codec: FlexiCodec, tokens: CodecTokens, sample_rate: int | None 
     bounds = [tuple(int(v) for v in torch.searchsorted(starts, torch.tensor([s, e]))) for s, e in plan]
     firsts = [int(starts[lo]) * hop for lo, _ in bounds]  # first sample of each window's audio
     out, fade_in = None, None
+    cap = max(1, int(codec.max_tokens_per_group or 1))  # a window's tokens cover at most W + cap frames
     for k, (lo, hi) in enumerate(bounds):
-        y = codec.decode_codes(sem[..., lo:hi].to(device), None if ac is None else ac[..., lo:hi].to(device),
-                               lengths[None, lo:hi].to(device)).float()[0, 0]
         if len(bounds) == 1:
-            out = y
+            out = codec.decode_codes(sem.to(device), None if ac is None else ac.to(device),
+                                     lengths[None].to(device)).float()[0, 0]
             break
+        # Every window padded to the same shapes, W tokens (empty ones) over W + cap frames (masked), so the CPU
+        # convolution kernels cached per shape are reused instead of piling up with the number of windows.
+        pad, frames = W - (hi - lo), int(lengths[lo:hi].sum())
+        y = codec.decode_codes(F.pad(sem[..., lo:hi], (0, pad)).to(device),
+                               None if ac is None else F.pad(ac[..., lo:hi], (0, pad)).to(device),
+                               F.pad(lengths[None, lo:hi], (0, pad)).to(device), num_frames=W + cap).float()[0, 0]
+        y = y[: y.numel() - (W + cap - frames) * hop]  # the window's own samples (the rest is masked padding)
         if out is None:
             out = y.new_zeros(T * hop)  # the decoder gives hop * frames - δ samples per window: it fits
         a = firsts[k]
