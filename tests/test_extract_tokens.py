@@ -149,8 +149,9 @@ def test_workers_output_identical_bad_input_skipped_summary_restart(model_dir, c
         good = index["duration"] - json.loads(members(root / "shard-000001.tar")[f"{bad_key}.json"])["duration"]
         assert stats["audio_seconds"] == pytest.approx(good, abs=0.02) and hours == pytest.approx(good / 3600, abs=1e-4)
         assert wall == pytest.approx(stats["seconds"], abs=0.06) and rate == pytest.approx(stats["hours_per_hour"], abs=0.06)
+        # `seconds` is stored rounded to 0.01 s: on a fast run (~0.25 s) that alone moves the ratio by ~2 %.
         assert stats["seconds"] > 0 and stats["hours_per_hour"] == pytest.approx(
-            stats["audio_seconds"] / stats["seconds"], rel=0.02, abs=0.02)
+            stats["audio_seconds"] / stats["seconds"], rel=0.02 + 0.006 / stats["seconds"], abs=0.02)
         for part in ("read/decode wait", "teacher", "codec", "other"):
             assert re.search(rf"{part} [\d.]+s \(\d+%\)", line[0]), part
         assert "1 unreadable" in line[0] and "1 skipped (corrupt_audio 1)" in line[0]
