@@ -404,7 +404,7 @@ def main(argv=None) -> dict:
         audio_hours=round(report["audio_seconds"] / 3600, 4),
         seconds=round(report["seconds"], 2),
         hours_per_hour=round(report["audio_seconds"] / report["seconds"], 2) if report["seconds"] > 0 else 0.0,
-        time={k: round(v, 2) for k, v in t.items()}, load_seconds=round(load_seconds, 2))
+        time={k: round(v, 4) for k, v in t.items()}, load_seconds=round(load_seconds, 2))  # ms-scale stages stay > 0
     print(json.dumps(stats))
     return stats
 
