@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 from flexitrain.audio.mel24k import HOP_LENGTH, SAMPLE_RATE as OUT_RATE, Mel24k
 from flexitrain.audio.resample import resample
-from flexitrain.models.tts.sampling import (GenerationResult, SamplingConfig, _sample, encode_prompt, generate,
-                                            generate_batch)
+from flexitrain.models.tts.sampling import (GenerationResult, SamplingConfig, encode_prompt, generate, generate_batch,
+                                            generate_fixed_rate)
 from flexitrain.tts import loading
 
 log = logging.getLogger(__name__)
@@ -128,42 +128,6 @@ def read_prompt(path: str | Path, what: str = "prompt wav") -> tuple[Tensor, int
     if audio.shape[0] == 0:
         raise ValueError(f"{what} {str(path)!r} is empty")
     return torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1))), int(sr)
-
-
-@torch.inference_mode()
-def generate_fixed_rate(model: nn.Module, text: Tensor, framerate: float | None, prompt_tokens: Tensor | None,
-                        prompt_durations: Tensor | None, config: SamplingConfig | None = None,
-                        generator: torch.Generator | None = None, min_tokens: int = 0) -> GenerationResult:
-    """The official ``predict_duration=False`` decode of one utterance (see the module docstring): no duration
-    head, prompt tokens without duration embeddings, every generated token conditioned on the last prompt
-    token's duration; returned durations are all 1. text [1, L] (prompt text included), prompt [1, P]."""
-    cfg = config or SamplingConfig()
-    prefix = model.decode_prefix(text, framerate)
-    previous = 0  # the "start" duration id when there is no prompt
-    if prompt_tokens is not None and prompt_tokens.numel():
-        prefix = torch.cat([prefix, model.speech_inputs(prompt_tokens, None).to(prefix.dtype)], dim=1)
-        if model.use_duration_conditioning:
-            previous = int(prompt_durations[0, -1])
-    max_len = int(text.size(1) * cfg.max_token_text_ratio)
-    if cfg.max_tokens is not None:
-        max_len = min(max_len, cfg.max_tokens)
-    min_len = min(max(int(text.size(1) * cfg.min_token_text_ratio), int(min_tokens)), max_len)
-    condition = torch.tensor([[previous]], device=text.device)
-    tokens, cache, new_input, stopped = [], None, prefix, False
-    for i in range(max_len):
-        hidden, cache = model.step(new_input, cache)
-        logits = model.llm_decoder(hidden)[0]
-        if i < min_len:
-            logits = logits.clone()
-            logits[model.eos_id] = float("-inf")
-        token = _sample(logits, cfg.top_k, cfg.temperature, generator)
-        if token == model.eos_id:
-            stopped = True
-            break
-        tokens.append(token)
-        new_input = model.speech_inputs(torch.tensor([[token]], device=text.device), condition).to(prefix.dtype)
-    out = torch.tensor([tokens], dtype=torch.long, device=text.device).view(1, -1)
-    return GenerationResult(out, torch.ones_like(out), stopped, {})
 
 
 class TTSPipeline:

@@ -72,25 +72,12 @@ class GenerationResult:
     trace: dict = field(default_factory=dict)  # with record=True: per-step logits / hidden states
 
 
-def _sample(logits: torch.Tensor, top_k: int, temperature: float, generator: torch.Generator | None) -> int:
-    """logits [V] -> one id: greedy when top_k == 1 or temperature == 0, else top-k multinomial (a host int:
-    one sync; the decoding loop samples on the device with ``_pick`` instead)."""
-    if top_k == 1 or temperature <= 0:
-        return int(logits.argmax())
-    if temperature != 1.0:
-        logits = logits / temperature
-    k = logits.size(-1) if top_k <= 0 else min(top_k, logits.size(-1))
-    values, indices = logits.topk(k)
-    choice = torch.multinomial(torch.softmax(values.float(), -1), 1, generator=generator)
-    return int(indices[choice])
-
-
 def _greedy(top_k: int, temperature: float) -> bool:
     return top_k == 1 or temperature <= 0
 
 
 def _pick(logits: torch.Tensor, top_k: int, temperature: float, noise: torch.Tensor | None) -> torch.Tensor:
-    """logits [B, V] -> ids [B] on the device. Greedy: argmax (what ``_sample`` returns). Else the top-k
+    """logits [B, V] -> ids [B] on the device. Greedy: argmax. Else the top-k
     (all V when top_k <= 0) of logits / temperature, and the index maximising softmax / noise, noise [B, k]
     i.i.d. Exp(1): a draw from the top-k softmax (exponential race), with no host read."""
     if _greedy(top_k, temperature):
@@ -121,6 +108,7 @@ class _StepSpec:
     duration_top_k: int
     duration_temperature: float
     record: bool
+    predict_durations: bool = True  # False: no duration head; every token is conditioned on the first duration
 
 
 class _DecodeState:
@@ -189,7 +177,7 @@ def _heads(model: ARTTSModel, st: _DecodeState, spec: _StepSpec, hidden: torch.T
     """Step i's decisions from its hidden state [B, D], all on the device: the duration of token i - 1 (not at
     the first step), token i (EOS masked while i < min_len), the finished flags, and the next LM input."""
     i = st.step
-    if not first:
+    if not first and spec.predict_durations:
         logits = model.duration_decoder(hidden)
         if spec.record:
             st.trace_durations.index_copy_(1, i - 1, logits.unsqueeze(1).to(st.trace_durations.dtype))
@@ -245,14 +233,14 @@ def _check_config(cfg: SamplingConfig) -> None:
 
 def _decode(model: ARTTSModel, prefix: torch.Tensor, offsets: torch.Tensor | None, first_duration: torch.Tensor,
             min_len: Sequence[int], max_len: Sequence[int], cfg: SamplingConfig,
-            generator: torch.Generator | None, record: bool):
+            generator: torch.Generator | None, record: bool, predict_durations: bool = True):
     """Decode B rows from their LM prefixes [B, T, D] (left-padded by ``offsets`` [B] when given) -> (tokens
     [B, S], durations [B, S], lengths (host list), stopped_by_eos (host list), state); row b's result is the
     first lengths[b] columns. min_len / max_len: host ints per row."""
     _check_config(cfg)
     batch, t = prefix.shape[:2]
     spec = _StepSpec(model.eos_id, model.speech_token_size, cfg.top_k, cfg.temperature, cfg.duration_top_k,
-                     cfg.duration_temperature, record)
+                     cfg.duration_temperature, record, predict_durations)
     steps = max(max_len)  # step i <= steps; step i > 0 feeds position t - 1 + i
     columns = _round_up(t + steps, CACHE_BUCKET)
     device = prefix.device
@@ -312,6 +300,15 @@ def _decode(model: ARTTSModel, prefix: torch.Tensor, offsets: torch.Tensor | Non
     return st.tokens, st.durations, lengths, [bool(s) for s in stopped], st
 
 
+def _length_limits(num_text: int, cfg: SamplingConfig, min_tokens: int = 0) -> tuple[int, int]:
+    """(min_len, max_len) tokens for a target text of ``num_text`` ids: the cap is ratio x text length (and
+    ``max_tokens``); EOS is masked below ratio x text length or ``min_tokens``, never above the cap."""
+    max_len = int(num_text * cfg.max_token_text_ratio)
+    if cfg.max_tokens is not None:
+        max_len = min(max_len, cfg.max_tokens)
+    return min(max(int(num_text * cfg.min_token_text_ratio), int(min_tokens)), max_len), max_len
+
+
 def release_decode_buffers(model: ARTTSModel) -> None:
     """Drop the static buffers that ``reuse_buffers`` / ``compile_step`` keep on the model."""
     model.__dict__.pop("_static_decode_buffers", None)
@@ -340,10 +337,7 @@ def generate(model: ARTTSModel, text: torch.Tensor, framerate: float | None,
     _check_config(cfg)
     full_text = text if prompt_text is None else torch.cat([prompt_text, text], dim=1)
     prefix = model.decode_prefix(full_text, framerate, prompt_tokens, prompt_durations)
-    max_len = int(text.size(1) * cfg.max_token_text_ratio)
-    if cfg.max_tokens is not None:
-        max_len = min(max_len, cfg.max_tokens)
-    min_len = min(max(int(text.size(1) * cfg.min_token_text_ratio), int(min_tokens)), max_len)
+    min_len, max_len = _length_limits(text.size(1), cfg, min_tokens)
     device = text.device
     if max_len <= 0:
         empty = torch.zeros(1, 0, dtype=torch.long, device=device)
@@ -364,6 +358,34 @@ def generate(model: ARTTSModel, text: torch.Tensor, framerate: float | None,
         trace = {k: v.clone() if v.size(0) else torch.empty(0) for k, v in trace.items()}
         trace["prefix_lm_input"] = prefix
     return GenerationResult(tokens[:, :n].clone(), durations[:, :n].clone(), stopped, trace)
+
+
+@torch.inference_mode()
+def generate_fixed_rate(model: ARTTSModel, text: torch.Tensor, framerate: float | None,
+                        prompt_tokens: torch.Tensor | None, prompt_durations: torch.Tensor | None,
+                        config: SamplingConfig | None = None, generator: torch.Generator | None = None,
+                        min_tokens: int = 0) -> GenerationResult:
+    """The official ``predict_duration=False`` decode of one utterance: no duration head, prompt tokens without
+    duration embeddings, every generated token conditioned on the last prompt token's duration (the official
+    never updates it); returned durations are all 1. text [1, L] (prompt text included), prompt [1, P].
+    The same device-side loop as `generate`, with the duration head off."""
+    cfg = config or SamplingConfig()
+    _check_config(cfg)
+    device = text.device
+    prefix = model.decode_prefix(text, framerate)
+    first = torch.zeros(1, dtype=torch.long, device=device)  # the "start" duration id when there is no prompt
+    if prompt_tokens is not None and prompt_tokens.numel():
+        prefix = torch.cat([prefix, model.speech_inputs(prompt_tokens, None).to(prefix.dtype)], dim=1)
+        if model.use_duration_conditioning:
+            first = prompt_durations[0, -1:].to(device=device, dtype=torch.long)
+    min_len, max_len = _length_limits(text.size(1), cfg, min_tokens)
+    if max_len <= 0:
+        empty = torch.zeros(1, 0, dtype=torch.long, device=device)
+        return GenerationResult(empty, empty.clone(), False, {})
+    tokens, _, (n,), (stopped,), _ = _decode(model, prefix, None, first, [min_len], [max_len], cfg, generator,
+                                             False, predict_durations=False)
+    out = tokens[:, :n].clone()
+    return GenerationResult(out, torch.ones_like(out), stopped, {})
 
 
 Rows = Sequence[torch.Tensor | None] | torch.Tensor | None
@@ -468,17 +490,11 @@ def generate_batch(model: ARTTSModel, texts: Rows, framerate: float | Sequence[f
     full = [t if p is None else torch.cat([p, t]) for t, p in zip(texts_, prompt_texts_)]
     prefix, offsets = _batch_prefix(model, full, framerate, prompt_tokens_, prompt_durations_)
 
-    # limits from host sizes (no device read)
-    max_len = [int(t.numel() * cfg.max_token_text_ratio) for t in texts_]
-    if cfg.max_tokens is not None:
-        max_len = [min(m, cfg.max_tokens) for m in max_len]
-    min_len = [int(t.numel() * cfg.min_token_text_ratio) for t in texts_]
-    if min_tokens is not None:  # per-item floors (e.g. from the prompt's speaking rate), never above the cap
-        floors = list(min_tokens)
-        if len(floors) != batch:
-            raise ValueError(f"min_tokens: {len(floors)} entries for {batch} utterances")
-        min_len = [max(m, int(f)) for m, f in zip(min_len, floors)]
-    min_len = [min(m, c) for m, c in zip(min_len, max_len)]
+    # limits from host sizes (no device read); min_tokens: per-item floors (e.g. from the prompt's speaking rate)
+    floors = [0] * batch if min_tokens is None else list(min_tokens)
+    if len(floors) != batch:
+        raise ValueError(f"min_tokens: {len(floors)} entries for {batch} utterances")
+    min_len, max_len = (list(v) for v in zip(*(_length_limits(t.numel(), cfg, f) for t, f in zip(texts_, floors))))
     # conditioning of the first token: the last prompt token's duration, or "start" (0); kept on the device
     first = []
     for b in range(batch):
