@@ -152,16 +152,6 @@ def progress(items, desc: str):
         return plain()
 
 
-def read_audio(path: Path):
-    import numpy as np
-    import soundfile as sf
-
-    x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    if x.shape[0] == 0:
-        raise ValueError("no samples")
-    return np.ascontiguousarray(x.mean(1)), int(sr)  # mono: channel mean
-
-
 def load_model(args, parser, need_teacher: bool):
     """(codec, teacher or None, model hash); usage errors name the option."""
     from flexitrain.evaluation.loading import file_hash, load_codec
@@ -198,8 +188,7 @@ def _summary(command: str, ok: int, failures: list[tuple[str, str]]) -> int:
 
 # ----------------------------------------------------------------------------- commands
 def encode(args, parser) -> int:
-    import torch
-
+    from flexitrain.audio.io import read_mono
     from flexitrain.models.codec.long_audio import _window_frames, encode_long_batch
 
     if not -1.0 <= args.threshold <= 1.0:
@@ -225,10 +214,10 @@ def encode(args, parser) -> int:
         loaded = []
         for f, rel in step:
             try:
-                loaded.append((f, rel, *read_audio(f)))
+                loaded.append((f, rel, *read_mono(f)))
             except Exception as err:  # noqa: BLE001 -- unreadable: report, go on
                 failures.append((str(f), f"unreadable audio: {err}"))
-        results = encode_long_batch(codec, [torch.from_numpy(x) for _, _, x, _ in loaded], [sr for *_, sr in loaded],
+        results = encode_long_batch(codec, [x for _, _, x, _ in loaded], [sr for *_, sr in loaded],
                                     args.threshold, nq, teacher, args.chunk_seconds, args.overlap_seconds,
                                     args.batch_windows) if loaded else []
         for (f, rel, _, _), res in zip(loaded, results):

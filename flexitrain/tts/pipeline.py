@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexitrain.audio.mel24k import HOP_LENGTH, SAMPLE_RATE as OUT_RATE, Mel24k
+from flexitrain.audio.io import read_mono
 from flexitrain.audio.resample import resample
 from flexitrain.models.tts.sampling import (GenerationResult, SamplingConfig, encode_prompt, generate, generate_batch,
                                             generate_fixed_rate)
@@ -119,15 +120,7 @@ class TTSResult:
 
 def read_prompt(path: str | Path, what: str = "prompt wav") -> tuple[Tensor, int]:
     """A mono float waveform and its rate (channels averaged)."""
-    import soundfile as sf
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    audio, sr = sf.read(str(p), dtype="float32", always_2d=True)
-    if audio.shape[0] == 0:
-        raise ValueError(f"{what} {str(path)!r} is empty")
-    return torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1))), int(sr)
+    return read_mono(path, what)
 
 
 class TTSPipeline:
