@@ -30,7 +30,7 @@ from flexitrain.tasks.compiling import codec_compile_targets, compile_modules, c
 from flexitrain.tasks.guards import NonFiniteStepGuard
 from flexitrain.tasks.schedules import lr_lambda
 from flexitrain.tasks.training_state import TrainingStateMixin
-from flexitrain.tasks.teacher import build_teacher, check_feature_cache, teacher_min_samples
+from flexitrain.tasks.teacher import build_teacher, check_batch_lengths, check_feature_cache, teacher_min_samples
 
 
 def _plain(cfg: Any) -> Any:
@@ -231,10 +231,7 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         if clean is not None and tuple(clean.shape) != tuple(audio.shape):
             raise ValueError(f"batch['clean'] must have the audio's shape {tuple(audio.shape)}, "
                              f"got {tuple(clean.shape)}")
-        lo = teacher_min_samples(self._teacher[0])
-        if lengths.numel() and (int(lengths.min()) < lo or int(lengths.max()) > n):  # host memory: no device sync
-            raise ValueError(f"batch lengths must lie in [{lo}, {n}] samples (one 25-ms teacher frame, the padded "
-                             f"width; raise data.min_duration to drop shorter clips), got {lengths.tolist()}")
+        check_batch_lengths(lengths, teacher_min_samples(self._teacher[0]), n)  # host memory: no device sync
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         self.check_batch(batch)  # still on the host here

@@ -87,6 +87,14 @@ def teacher_min_samples(teacher: nn.Module) -> int:
     return int(teacher.frontend.frame_samples)  # SenseVoice: one 25 ms fbank window
 
 
+def check_batch_lengths(lengths: torch.Tensor, low: int, width: int) -> None:
+    """Host-side check that every length lies in [one teacher frame (``low`` samples), the padded ``width``], so
+    the training step can trust them without reading them back from the device."""
+    if lengths.numel() and (int(lengths.min()) < low or int(lengths.max()) > width):
+        raise ValueError(f"batch lengths must lie in [{low}, {width}] samples (one 25-ms teacher frame, the padded "
+                         f"width; raise data.min_duration to drop shorter clips), got {lengths.tolist()}")
+
+
 def teacher_signature(cfg: dict) -> dict:
     """What determines a teacher's features: its config without the run-time keys, with `model_dir` resolved (and
     the bundled Whisper's directory spelled out). Pre-extracted features must match it exactly."""

@@ -273,13 +273,11 @@ class VoiceboxTask(TrainingStateMixin, L.LightningModule):
             return
         lengths, n = torch.as_tensor(batch["lengths"]), batch["audio"].shape[-1]
         codec, teacher = self._frozen["codec"], self._frozen["teacher"]
-        if "semantic_codes" not in batch and codec is not None and teacher is not None and lengths.numel():
-            from flexitrain.tasks.teacher import teacher_min_samples
+        if "semantic_codes" not in batch and codec is not None and teacher is not None:
+            from flexitrain.tasks.teacher import check_batch_lengths, teacher_min_samples
 
-            lo = math.ceil(teacher_min_samples(teacher) * self.sample_rate / codec.sample_rate)
-            if int(lengths.min()) < lo or int(lengths.max()) > n:
-                raise ValueError(f"batch lengths must lie in [{lo}, {n}] samples (one 25-ms teacher frame, the "
-                                 f"padded width; raise data.min_duration to drop shorter clips), got {lengths.tolist()}")
+            low = math.ceil(teacher_min_samples(teacher) * self.sample_rate / codec.sample_rate)  # at the batch's rate
+            check_batch_lengths(lengths, low, n)
         codes = batch.get("semantic_codes")
         size = self.nar.config.cond_codebook_size
         if codes is not None and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
