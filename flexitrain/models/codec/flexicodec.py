@@ -481,18 +481,19 @@ class FlexiCodec(nn.Module):
             tokens = self.semantic_aggregator(semantic, grouping.alignment, grouping.num_groups, True)
         else:
             tokens = mean_pool(semantic, grouping.alignment)
-        mask = grouping.group_mask.unsqueeze(1).to(tokens.dtype)
-        x = self._run_convnext(self.convnext_encoder, tokens, mask)
-        with _no_autocast(x):
-            _, codes = self.semantic_vq(x.float())
+        _, codes = self._quantize_semantic(tokens, grouping.group_mask.unsqueeze(1).to(tokens.dtype))
         return expand_groups(codes.long(), grouping.frame_to_group)
+
+    def _quantize_semantic(self, semantic_tokens: torch.Tensor, mask: torch.Tensor | None):
+        """ConvNeXt encoder → FSQ: ``(quantised, codes)``."""
+        x = self._run_convnext(self.convnext_encoder, semantic_tokens, mask)
+        with _no_autocast(x):  # code decisions in fp32 even under bf16 autocast
+            return self.semantic_vq(x.float())
 
     def semantic_branch(self, semantic_tokens: torch.Tensor, group_mask: torch.Tensor | None = None):
         """ConvNeXt encoder → FSQ → ConvNeXt decoder: ``(codes [B, C, G] int32, quantised, decoded [B, latent, G])``."""
         mask = None if group_mask is None else group_mask.unsqueeze(1).to(semantic_tokens.dtype)
-        x = self._run_convnext(self.convnext_encoder, semantic_tokens, mask)
-        with _no_autocast(x):  # code decisions in fp32 even under bf16 autocast
-            quantized, codes = self.semantic_vq(x.float())
+        quantized, codes = self._quantize_semantic(semantic_tokens, mask)
         decoded = self._run_convnext(self.convnext_decoder, quantized, mask) if self.decode_semantic_for_codec \
             else quantized
         return codes, quantized, decoded
