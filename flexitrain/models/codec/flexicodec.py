@@ -554,12 +554,11 @@ class FlexiCodec(nn.Module):
         in_lengths = (torch.full((B,), N, dtype=torch.long, device=device) if lengths is None
                       else torch.as_tensor(lengths, device=device).long())
         bad_lengths = f"lengths must be in [1, {N}]"
-        host_lengths = lengths if lengths is not None and not (torch.is_tensor(lengths) and lengths.device.type != "cpu") \
-            else (None if sync_free else in_lengths)
-        if host_lengths is not None:  # a list or a CPU tensor: checked without waiting for the device
-            check_host_lengths(host_lengths, 1, N, bad_lengths)
-        else:
+        on_device = torch.is_tensor(lengths) and lengths.device.type != "cpu"
+        if on_device and sync_free:
             torch._assert_async(((in_lengths <= N) & (in_lengths > 0)).all(), bad_lengths)
+        elif lengths is not None:  # host lengths are checked for free; device ones are read back (host syncs on)
+            check_host_lengths(lengths.cpu() if on_device else lengths, 1, N, bad_lengths)
         audio16, lengths16 = resample(audio, in_lengths, sample_rate, self.sample_rate)
         if semantic_features is None:
             semantic_features, semantic_lengths = self._teacher_features(audio16, lengths16)
