@@ -148,7 +148,7 @@ class ARTTSModel(nn.Module):
         return emb
 
     # ---- input checks: free on host tensors, a device sync each on a GPU, so forward runs them on host inputs
-    # only; a training task turns them off (checks_in_forward) and runs check_inputs on the batch before transfer.
+    # only; a training task turns them off (checks_in_forward) and runs them on the batch before transfer.
     checks_in_forward = True
 
     def check_text(self, text: torch.Tensor) -> None:
@@ -165,10 +165,6 @@ class ARTTSModel(nn.Module):
         if d.numel() and (int(d.min()) < 1 or int(d.max()) >= self.duration_classes):
             raise ValueError(f"durations of valid tokens must lie in [1, {self.duration_classes - 1}], "
                              f"got [{int(d.min())}, {int(d.max())}]")
-
-    def check_inputs(self, text, speech, speech_lengths, durations) -> None:
-        self.check_text(text)
-        self.check_targets(speech, speech_lengths, durations)
 
     # ---- teacher forcing ------------------------------------------------------------------------------------
     def forward(self, text: torch.Tensor, text_lengths: torch.Tensor, speech: torch.Tensor,
