@@ -130,9 +130,9 @@ def test_unusable_data_is_a_clear_error_not_a_hang(tmp_path):
 
 
 def test_huge_members_are_skipped_unread(tmp_path, monkeypatch):
-    import flexitrain.data.pipeline as pipeline
+    import flexitrain.data.shard_reader as shard_reader
 
-    monkeypatch.setattr(pipeline, "MAX_MEMBER_BYTES", 20000)
+    monkeypatch.setattr(shard_reader, "MAX_MEMBER_BYTES", 20000)
     write_shard(tmp_path / "h.tar", [good_sample("big", 2.0, 1), good_sample("small", 0.3, 2)])
     ds = EvalAudioDataset([str(tmp_path / "h.tar")], DecodeConfig(), LoaderConfig())
     assert [k for b in ds for k in b["keys"]] == ["small"]

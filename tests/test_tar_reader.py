@@ -1,23 +1,29 @@
-"""The project's tar reader (`iter_tar_members` / `iter_shard`) on the tar variants that webdataset's
-tarfile-based reader handles (issue #19 item 7: the parser is kept, so its tests cover what the library's
-would): GNU long names, pax headers (long paths, non-ASCII names, extended attributes, records with
-newlines), truncated members and headers, empty shards, directories and other non-regular members,
-members without a key or an extension.  Python's `tarfile` writes the shards and is the reference reader:
-for every valid archive the regular members and their bytes must match tarfile's."""
+"""Reading a shard (`shard_reader.tar_members` / `iter_shard`: webdataset's reading path, Python's `tarfile`
+in "r|*" mode and webdataset's grouping rules) on the tar variants real corpora contain: GNU long names,
+pax headers (long paths, non-ASCII names, extended attributes, records with newlines, size records),
+compressed shards, truncated members and headers, empty shards, directories and other non-regular members,
+members without a key or an extension, duplicate and oversize members.  Python's `tarfile` in random-access
+mode is the reference for the members of every valid archive; what the project adds is checked here too:
+a cut or corrupt header counts as a broken shard (tarfile alone ends the archive there quietly), samples
+before the damage are kept, empty shards are told apart from broken ones, oversize members are not read."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import itertools
+import lzma
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from helpers_shards import audio_bytes, good_sample, meta, tone, write_shard
 
+import flexitrain.data.shard_reader as shard_reader
 from flexitrain.data.decode import DecodeConfig
-from flexitrain.data.pipeline import (EvalAudioDataset, LoaderConfig, TarFormatError, TrainAudioDataset,
-                                      iter_shard, iter_tar_members, read_member)
+from flexitrain.data.pipeline import EvalAudioDataset, LoaderConfig, TrainAudioDataset
+from flexitrain.data.shard_reader import TarFormatError, iter_shard, tar_members
 from flexitrain.data.stats import DataStats
 
 SR = 16000
@@ -27,18 +33,20 @@ assert len(LONG_DIR) > 155  # no ustar prefix split possible: GNU 'L' / pax 'pat
 
 # ----------------------------------------------------------------------------- helpers
 def _members(path: Path) -> list[tuple[str, bytes]]:
-    """(name, data) of the regular members, read with the project's parser."""
-    out = []
+    """(name, data) of the regular members, as the shard reader streams them."""
     with open(path, "rb") as f:
-        for name, size in iter_tar_members(f):
-            out.append((name, read_member(f, size)))
-    return out
+        return [(name, read()) for name, read in tar_members(f, str(path))]
+
+
+def _is_meta(name: str) -> bool:
+    return name.rpartition("/")[2].startswith("__")
 
 
 def _reference(path: Path) -> list[tuple[str, bytes]]:
-    """(name, data) of the regular members, read with Python's tarfile (webdataset reads through it)."""
+    """(name, data) of the regular members but webdataset's metadata members (`__*__`), read with
+    Python's tarfile in random-access mode."""
     with tarfile.open(path, "r:") as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg() and not _is_meta(m.name)]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind=tarfile.REGTYPE, **attrs) -> None:
@@ -223,7 +231,7 @@ def _cut(path: Path, at: int, out: Path) -> Path:
 
 
 def test_truncated_in_member_data(tmp_path):
-    """Cut inside the data of the 3rd sample's flac: the parser raises TarFormatError; iter_shard keeps the
+    """Cut inside the data of the 3rd sample's flac: the reader raises TarFormatError; iter_shard keeps the
     two complete samples, drops the partial one and counts a bad shard (not an empty one)."""
     path, keys = _good_shard(tmp_path)
     name, _, data_at = _offsets(path)[4]
@@ -238,16 +246,35 @@ def test_truncated_in_member_data(tmp_path):
 
 
 def test_truncated_in_a_header(tmp_path):
+    """tarfile alone ends the archive quietly at a cut header (after the first member); here it is an error."""
     path, keys = _good_shard(tmp_path)
     _, header_at, _ = _offsets(path)[6]  # the 4th sample's flac header
     cut = _cut(path, header_at + 300, tmp_path / "cut.tar")
-    with pytest.raises(TarFormatError, match="header"):
+    with tarfile.open(cut, "r|*") as tar:  # the quiet end this reader must not inherit
+        assert len([m for m in tar if m.isreg()]) == 6
+    with pytest.raises(TarFormatError, match="truncated header"):
         _members(cut)
     stats = DataStats(0)
     # The 3rd sample's members were all read, but the reader cannot tell it was complete (the cut header may
     # have been one more of its members): it is dropped too.  (webdataset with warn_and_continue keeps it.)
     assert [s["__key__"] for s in _samples(cut, stats)] == keys[:2]
     assert stats.totals()["bad_shard"] == 1
+
+
+def test_corrupt_header_mid_shard(tmp_path):
+    """A header with a bad checksum after good members (a corrupt block): a broken shard, not its end."""
+    path, keys = _good_shard(tmp_path)
+    _, header_at, _ = _offsets(path)[4]  # the 3rd sample's flac header
+    raw = bytearray(path.read_bytes())
+    raw[header_at + 10] ^= 0x55
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(TarFormatError, match="checksum"):
+        _members(bad)
+    stats = DataStats(0)
+    # As with a cut header, the sample before the bad header may have been incomplete: it is dropped.
+    assert [s["__key__"] for s in _samples(bad, stats)] == keys[:1]
+    assert stats.totals()["bad_shard"] == 1 and stats.totals()["empty_shard"] == 0
 
 
 def test_truncated_in_padding(tmp_path):
@@ -266,7 +293,7 @@ def test_truncated_in_padding(tmp_path):
 
 def test_missing_end_of_archive_blocks(tmp_path):
     """Cut on a member boundary (no end-of-archive zero blocks, as a killed writer may leave): tarfile reads
-    it without complaint, and so does the parser: every sample, no bad shard."""
+    it without complaint, and so does the reader: every sample, no bad shard."""
     path, keys = _good_shard(tmp_path)
     end = _offsets(path)[-1][2] + len(_reference(path)[-1][1])
     cut = _cut(path, end + (-end % 512), tmp_path / "cut.tar")
@@ -426,3 +453,89 @@ def test_mixed_archive_matches_tarfile_member_for_member(tmp_path):
     for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
         path = _write(tmp_path / f"mixed-{fmt}.tar", entries, fmt)
         assert _members(path) == _reference(path)
+
+
+# ----------------------------------------------------------------------------- compression, duplicates, oversize
+@pytest.mark.parametrize("compress", ["gz", "xz"])
+def test_compressed_shards(tmp_path, compress):
+    """tarfile's "r|*" mode (webdataset's) reads compressed shards too; a cut compressed stream is a broken
+    shard with the samples before the cut kept."""
+    path, keys = _good_shard(tmp_path, n=6)
+    raw = path.read_bytes()
+    packed = gzip.compress(raw) if compress == "gz" else lzma.compress(raw)
+    whole = tmp_path / f"s.tar.{compress}"
+    whole.write_bytes(packed)
+    assert _members(whole) == _reference(path)
+    assert [s["__key__"] for s in _samples(whole)] == keys
+    assert sorted(_eval_keys([whole])) == sorted(keys)
+    cut = tmp_path / f"cut.tar.{compress}"
+    cut.write_bytes(packed[: len(packed) * 2 // 3])
+    stats = DataStats(0)
+    got = [s["__key__"] for s in _samples(cut, stats)]
+    assert 0 < len(got) < len(keys) and got == keys[: len(got)]
+    assert stats.totals()["bad_shard"] == 1
+
+
+def test_duplicate_member_is_counted_and_the_first_kept(tmp_path):
+    """Two members with one key and extension (webdataset's group_by_keys rejects the second; the default
+    handler raises): the first is kept, the sample and the shard go on, and the repair is counted."""
+    a, b = _sample_entries(["a"]), _sample_entries(["b"])
+    path = _write(tmp_path / "dup.tar", [a[0], a[1], ("a.flac", b"second"), b[0], b[1]])
+    stats = DataStats(0)
+    samples = _samples(path, stats)
+    assert [s["__key__"] for s in samples] == ["a", "b"]
+    assert samples[0]["flac"] == a[0][1]
+    assert stats.totals()["duplicate_member"] == 1 and stats.totals()["bad_shard"] == 0
+
+
+def test_oversize_member_is_skipped_without_reading_it(tmp_path, monkeypatch):
+    """A member over MAX_MEMBER_BYTES marks its sample oversize (too_long when decoded) and is passed over
+    in the stream without being read into memory: the reader's peak allocation stays far below its size."""
+    monkeypatch.setattr(shard_reader, "MAX_MEMBER_BYTES", 1 << 20)
+    big = 48 << 20
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in _sample_entries(["before"]):
+            _add(tar, name, data)
+        info = tarfile.TarInfo("huge.wav")
+        info.size = big
+        tar.addfile(info, io.BytesIO(bytes(big)))
+        _add(tar, "huge.json", meta("huge", 1500.0))
+        for name, data in _sample_entries(["after"]):
+            _add(tar, name, data)
+    tracemalloc.start()
+    try:
+        samples = _samples(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s["__key__"] for s in samples] == ["before", "huge", "after"]
+    assert samples[1]["__oversize__"] == "wav" and "wav" not in samples[1] and "json" in samples[1]
+    assert peak < big // 8, f"peak {peak / 2**20:.1f} MiB while skipping a {big >> 20} MiB member"
+    ds = EvalAudioDataset([str(path)], DecodeConfig(), LoaderConfig())
+    assert sorted(k for b in ds for k in b["keys"]) == ["after", "before"]
+    assert ds.stats.totals()["too_long"] == 1
+
+
+def test_samples_match_webdatasets_own_pipeline(tmp_path):
+    """On valid shards the samples are webdataset's (`wds.WebDataset` over the same files): same keys, same
+    fields, same bytes, in the same order, long names, dots and extension-less members included.  One
+    difference: a member whose file name starts with "__" (`__meta__.json`) is metadata here, never a
+    sample; webdataset skips only names of the form `__*__`, and would hand out a `__meta__` sample."""
+    import webdataset as wds
+
+    entries = list(itertools.chain(
+        [("__meta__.json", b"{}")],
+        _sample_entries([f"{LONG_DIR}/m{i}" for i in range(3)]),
+        [("dir", None, tarfile.DIRTYPE, {}), ("dir/x.txt", b"x" * 700), ("NOEXT", b""), ("v1.2/s.a/u.FLAC", b"f")],
+        _sample_entries(["último/ñ", "plain"]),
+    ))
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = _write(tmp_path / f"wds-{fmt}.tar", entries, fmt)
+        ours = _samples(path)
+        theirs = [s for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+                  if not _is_meta(s["__key__"])]
+        assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs]
+        for a, b in zip(ours, theirs):
+            assert {k: v for k, v in a.items() if k != "__url__"} == {
+                k: v for k, v in b.items() if not k.startswith("__") or k == "__key__"}

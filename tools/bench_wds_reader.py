@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The project's tar reader against `webdataset`'s own pipeline (issue #19, item 7).
+"""The project's shard reading against `webdataset`'s own pipeline (issue #19, item 7).
 
     python tools/bench_wds_reader.py --shards data/demo/train --workers 2 --repeats 5 --seconds 8
     python tools/bench_wds_reader.py --shards data/demo/train --mode split --skip-raw
@@ -7,11 +7,12 @@
 Two measurements, each repeated --repeats times with the variants interleaved (A B, B A, A B, ...),
 reported as median and min-max spread:
 
-  * raw: tar parsing only, in this process, over every shard (page cache warm): members/s and MB/s of
-    `iter_tar_members` + `read_member` against `webdataset.tariterators.tar_file_iterator` (tarfile "r|*"),
+  * raw: tar reading only, in this process, over every shard (page cache warm): members/s and MB/s of
+    `shard_reader.tar_members` against `webdataset.tariterators.tar_file_iterator` (both tarfile "r|*"),
     and whole samples/s of `iter_shard` against `wds.tarfile_to_samples`.
   * loader: utterances/s of the training stream with --workers DataLoader workers through `AudioLoader`:
-      current = `TrainAudioDataset` (the project's reader, shard split/resampling and shuffle buffer);
+      current = `TrainAudioDataset` (the project's shard split/resampling, counting and shuffle buffer over
+                `iter_shard`);
       wds     = `wds.DataPipeline(SimpleShardList, split_by_node, split_by_worker, <cycle>, tarfile_to_samples,
                 shuffle)` (--mode split) or `wds.DataPipeline(ResampledShards, tarfile_to_samples, shuffle)`
                 (--mode resampled, the datamodule's mode when data.epoch_samples is set),
@@ -20,7 +21,9 @@ reported as median and min-max spread:
     (this process and its finished workers) are given too: a figure that other processes on the same
     cores perturb less than wall-clock throughput.
 
-Issue #19's decision rule: switch to the library when it reaches >= 2/3 of the current loader throughput.
+Issue #19's decision rule was: read through the library when it reaches >= 2/3 of the loader throughput
+of the project's former hand-written tar parser.  It did (0.89x), so shards are now read through tarfile
+the way webdataset reads them; the figures show what the project's stream costs next to the library's.
 The last line is a one-line summary.
 """
 
@@ -48,10 +51,10 @@ from webdataset.tariterators import tar_file_iterator  # noqa: E402
 from flexitrain.data.batching import BucketBatcher, collate  # noqa: E402
 from flexitrain.data.decode import DecodeConfig  # noqa: E402
 from flexitrain.data.pipeline import (AudioLoader, LoaderConfig, TrainAudioDataset, decode_sample,  # noqa: E402
-                                      expand_shards, iter_shard, iter_tar_members, read_member)
+                                      expand_shards)
+from flexitrain.data.shard_reader import iter_shard, tar_members  # noqa: E402
 from flexitrain.data.stats import DataStats, NullStats  # noqa: E402
 
-SWITCH_RATIO = 2 / 3  # issue #19: the library must reach 2/3 of the current throughput
 
 
 # ----------------------------------------------------------------------------- the webdataset pipeline
@@ -135,8 +138,8 @@ def _raw_current_members(urls) -> tuple[int, int]:
     members = nbytes = 0
     for url in urls:
         with gopen(url, "rb") as stream:
-            for _name, size in iter_tar_members(stream):
-                nbytes += len(read_member(stream, size))
+            for _name, read in tar_members(stream, url):
+                nbytes += len(read())
                 members += 1
     return members, nbytes
 
@@ -292,15 +295,12 @@ def main(argv=None) -> dict:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     parts = []
     if "loader" in out:
-        decision = "switch to webdataset" if out["ratio"] >= SWITCH_RATIO else "keep the project's reader"
         parts.append(f"loader wds {out['loader']['wds']['utt_s']['median']:.1f} utt/s vs current "
                      f"{out['loader']['current']['utt_s']['median']:.1f} utt/s = {out['ratio']:.2f}x "
                      f"(CPU/utt {out['cpu_ratio']:.2f}x)")
     if "raw" in out:
         parts.append(f"raw members/s wds {out['raw']['wds_members']['median']:.0f} vs current "
                      f"{out['raw']['current_members']['median']:.0f} = {out['raw_ratio_members']['median']:.2f}x")
-    if "loader" in out:
-        parts.append(f"rule >= {SWITCH_RATIO:.2f}: {decision}")
     print("bench_wds_reader: " + " | ".join(parts))
     return out
 

@@ -15,8 +15,9 @@ batches are dealt to ranks in contiguous blocks whose count is equal on every ra
 usable sample is seen exactly once over all ranks x workers and no rank waits at the end.
 
 Both datasets batch in their workers; iterate them with `AudioLoader` (it completes worker
-batches in the main process and recycles their shared memory).  Shards are read with a small
-tar reader (`iter_shard`) that counts empty and broken shards instead of raising.
+batches in the main process and recycles their shared memory).  Each shard is read through
+webdataset's tar iteration and sample grouping (`shard_reader.iter_shard`), which counts empty and
+broken shards instead of raising.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 
 from .augment import AugmentConfig, Augmenter
 from .batching import BucketBatcher, Item, SlotPool, collate, finalize_batch, plan_batches
 from .decode import AUDIO_KEYS, DecodeConfig, decode_audio, parse_meta
 from .mixing import Mixture, mix
+from .shard_reader import iter_shard
 from .stats import DataStats, NullStats
 from .teacher_features import SidecarReader, crop_features
 from .worker_exit import track_workers
@@ -110,159 +111,6 @@ def load_index(urls: list[str]) -> dict | None:
         per_shard[url] = int(entry["num_samples"])
         duration += float(entry.get("duration") or 0.0)
     return {"num_samples": sum(per_shard.values()), "duration": duration, "per_shard": per_shard}
-
-
-# ----------------------------------------------------------------------------- tar reading
-def _split_name(name: str) -> tuple[str, str]:
-    """'dir/utt.flac' -> ('dir/utt', 'flac'); the key ends at the first dot of the basename."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :].lower())
-
-
-class TarFormatError(Exception):
-    pass
-
-
-def _read_exact(stream, n: int) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise TarFormatError(f"unexpected end of data ({len(data)} of {n} bytes)")
-    return data
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] == b"\x80":  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(field[1:], "big")
-    field = field.strip(b" \0")
-    try:
-        return int(field, 8) if field else 0
-    except ValueError:
-        raise TarFormatError(f"invalid number field {field[:12]!r} (not a tar file, or corrupt)") from None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """Records ``"<len> <key>=<value>\n"`` of a pax header, each read by its length prefix (a value may hold
-    newlines, or text that looks like another record)."""
-    records, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarFormatError("malformed pax header record") from None
-        if space < 0 or length <= space - pos or pos + length > len(data):
-            raise TarFormatError("malformed pax header record")
-        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
-        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
-    return records
-
-
-def iter_tar_members(stream) -> Iterator[tuple[str, int]]:
-    """(name, size) of the regular files of an uncompressed tar stream.  A small reader instead of
-    `tarfile` (about 10x less overhead per member, which matters at thousands of samples/s);
-    handles ustar prefixes, GNU long names and pax paths; bad checksums raise TarFormatError.
-    After each (name, size) the caller must call read_member(stream, size)."""
-    long_name = pax_size = None
-    while True:
-        header = stream.read(512)
-        if len(header) == 0:
-            return
-        if len(header) < 512:
-            raise TarFormatError("unexpected end of data in a header")
-        if header.count(0) == 512:
-            return  # end-of-archive block
-        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
-            raise TarFormatError("invalid header checksum (not a tar file, or corrupt)")
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        if pax_size is not None:  # a pax size= record overrides the header's (members of 8 GiB and more)
-            size, pax_size = pax_size, None
-        if kind in (b"0", b"\0", b"7"):
-            if long_name is not None:
-                name, long_name = long_name, None
-            else:
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                if header[257:262] == b"ustar" and header[345] != 0:
-                    name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-            yield name, size  # the consumer reads the data (read_member) before the next header
-            continue
-        data = read_member(stream, size)
-        if kind == b"L":
-            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
-            continue
-        if kind == b"x":
-            records = _pax_records(data)
-            if "path" in records:
-                long_name = records["path"]
-            if "size" in records:
-                try:
-                    pax_size = int(records["size"])
-                except ValueError:
-                    raise TarFormatError(f"invalid pax size record {records['size'][:20]!r}") from None
-            continue
-        long_name = None  # directories, links, global pax headers
-
-
-def read_member(stream, size: int) -> bytes:
-    data = _read_exact(stream, size)
-    if size % 512:
-        _read_exact(stream, 512 - size % 512)
-    return data
-
-
-def skip_member(stream, size: int) -> None:
-    left = size + (-size % 512)
-    while left:
-        left -= len(_read_exact(stream, min(left, 1 << 20)))
-
-
-# A member this large (e.g. hours of WAV) is not read into memory: its sample counts as too_long.
-MAX_MEMBER_BYTES = 1 << 28
-
-
-def iter_shard(url: str, stats: DataStats) -> Iterator[dict]:
-    """Samples {"__key__", "__url__", ext: bytes} of one shard (consecutive members sharing a key).
-    An unreadable or truncated tar is counted (bad_shard), logged, and ends that shard only (the
-    sample being read is dropped); a readable shard without samples is counted as empty_shard."""
-    stats.add("shards_read")
-    count, current, broken = 0, None, False
-    try:
-        stream = gopen(url, "rb")
-    except Exception as exn:
-        stats.add("bad_shard")
-        log.warning("cannot open shard %s: %s", url, exn)
-        return
-    try:
-        for name, size in iter_tar_members(stream):
-            key, ext = _split_name(name)
-            if current is None or current["__key__"] != key:
-                if current is not None and len(current) > 2:  # complete: hand it out before a read can fail
-                    count += 1
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            if size > MAX_MEMBER_BYTES:
-                skip_member(stream, size)
-                current["__oversize__"] = ext
-                continue
-            data = read_member(stream, size)
-            if ext and not key.rpartition("/")[2].startswith("__"):  # skip webdataset metadata members
-                current[ext] = data
-        if current is not None and len(current) > 2:
-            count += 1
-            yield current
-    except (TarFormatError, OSError, ValueError) as exn:
-        broken = True
-        stats.add("bad_shard")
-        log.warning("unreadable or truncated shard %s after %d samples: %s", url, count, exn)
-    finally:
-        try:
-            stream.close()
-        except Exception:  # a pipe: whose command failed raises here; the shard is already counted
-            pass
-    if count == 0 and not broken:
-        stats.add("empty_shard")
 
 
 def decode_sample(sample: dict, cfg: DecodeConfig, stats: DataStats, rng) -> Item | None:

@@ -23,7 +23,7 @@ SKIP_REASONS = (
     "silent_audio",  # peak below silence_threshold
     "nonfinite_audio",  # NaN or inf samples
     "too_short",  # shorter than min_duration
-    "too_long",  # over max_duration with long_clip_policy="skip", or a member over MAX_MEMBER_BYTES
+    "too_long",  # over max_duration with long_clip_policy="skip", or a member over shard_reader.MAX_MEMBER_BYTES
     "missing_audio",  # no flac/wav/ogg/mp3 member in the sample
 )
 # Repaired and kept.
@@ -34,6 +34,7 @@ FIX_REASONS = (
     "pcm_24bit",  # 24-bit PCM decoded to float32
     "long_cropped",  # longer than max_duration with long_clip_policy="crop"
     "bad_json",  # malformed metadata: the audio is kept with empty metadata
+    "duplicate_member",  # a second member with a sample's key and extension: the first is kept
 )
 # Shard level and bookkeeping.
 SHARD_REASONS = ("empty_shard", "bad_shard")
