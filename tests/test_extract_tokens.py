@@ -99,6 +99,32 @@ def test_acoustic_codes_added_and_other_outputs_unchanged(model_dir, tmp_path, c
         extract_tokens.main([*common, "--out", str(tmp_path / "bad"), "--acoustic", "--num-quantizers", "1"])
 
 
+def test_padded_batch_lengths_and_bf16(model_dir, tmp_path, capsys):
+    """--pad-seconds rounds each batch's length up (shapes that repeat, for cudnn.benchmark on a GPU): the padding
+    is masked, so the tokens are those of the unpadded run (here exactly; in general up to float rounding of the
+    teacher features, as for any change of batch composition); the prepared batches really are padded. --dtype
+    bf16 runs under autocast and still writes a token file per item; the settings line names what ran."""
+    import extract_tokens
+
+    root, clips = model_dir
+    common = ["--shards", str(root / "shards"), "--ckpt", str(root / "model"), "--teacher-random-init",
+              "--thresholds", "0.86", "1.0", "--device", "cpu", "--workers", "0"]
+    extract_tokens.main([*common, "--out", str(tmp_path / "plain")])
+    extract_tokens.main([*common, "--out", str(tmp_path / "pad"), "--pad-seconds", "0.75"])
+    assert "lengths padded to multiples of 0.75 s" in capsys.readouterr().out
+    assert members(tmp_path / "plain" / "shard-000000.tar") == members(tmp_path / "pad" / "shard-000000.tar")
+    samples = extract_tokens.read_shard(root / "shards" / "shard-000000.tar")
+    plain, padded = extract_tokens.prepare_shard(samples), extract_tokens.prepare_shard(samples, pad_multiple=12000)
+    assert all(b[3] % 12000 == 0 and b[3] >= max(b[4]) for b in padded["batches"])
+    # the same items together, with the same lengths; only T (and so the offsets) grow
+    assert [(b[0], b[2], b[4]) for b in padded["batches"]] == [(b[0], b[2], b[4]) for b in plain["batches"]]
+    assert max(b[3] for b in padded["batches"]) > max(b[3] for b in plain["batches"])
+    extract_tokens.main([*common, "--out", str(tmp_path / "bf16"), "--dtype", "bf16"])
+    assert "dtype bf16" in capsys.readouterr().out
+    bf = members(tmp_path / "bf16" / "shard-000000.tar")
+    assert all(len(json.loads(bf[f"{k}.tokens.json"])["t0.86"]["codes"]) > 0 for k in clips)
+
+
 def names(path):
     with tarfile.open(path) as tar:
         return [m.name for m in tar]

@@ -16,8 +16,11 @@ token, ``"acoustic": [[...] * n] * (Q - 1)`` per threshold, and ``"num_quantizer
 counting the semantic codebook); codes and durations are the same as without it. ``index.json`` is copied when
 present.
 Shards are written under a temporary name and renamed when complete; existing outputs are skipped, so an
-interrupted run can be restarted. The codec runs in eval mode in fp32 with padding masks, items batched by
-similar length (within a shard); the teacher runs once per batch for all thresholds.
+interrupted run can be restarted. The codec runs in eval mode in fp32 (``--dtype bf16``: autocast) with padding
+masks, items batched by similar length (within a shard); the teacher runs once per batch for all thresholds. On
+CUDA, batch lengths are rounded up to whole seconds (``--pad-seconds``) so that shapes repeat and
+``cudnn.benchmark`` (on by default there) tunes each shape once; the padding is masked, so codes do not depend on
+it beyond float rounding of the teacher features.
 
 ``--workers N`` (default min(4, CPUs); 0 = in this process) DataLoader worker processes read and decode whole
 shards (flexitrain.data.decode) and cut them into padded batches, so the main process only runs the teacher and
@@ -94,11 +97,13 @@ def decode_config(sample_rate: int) -> DecodeConfig:
                         min_duration=0.0, silence_threshold=-1.0)
 
 
-def prepare_shard(samples, sample_rate: int = 16000, batch_seconds: float = 120.0) -> dict:
+def prepare_shard(samples, sample_rate: int = 16000, batch_seconds: float = 120.0, pad_multiple: int = 0) -> dict:
     """Decode a shard's samples and cut them into padded batches of similar length (total samples up to
     ``batch_seconds``): ``{"batches": [(keys, offset, B, T, lengths)], "audio": float32 [sum B*T]`` (every
     batch's zero-padded ``[B, T]`` block from ``offset``), ``"skipped": [(key, reason)], "counts": Counter,
-    "audio_seconds"}``. Runs in the loader workers."""
+    "audio_seconds"}``. ``pad_multiple`` > 0: T is rounded up to a multiple of it, so that batch shapes repeat
+    across batches and shards (what cudnn.benchmark's per-shape autotuning needs); which items share a batch
+    does not change. Runs in the loader workers."""
     cfg, counts = decode_config(sample_rate), _Counts()
     audio, skipped = {}, []
     for key, members in samples:
@@ -119,8 +124,9 @@ def prepare_shard(samples, sample_rate: int = 16000, batch_seconds: float = 120.
             end += 1
         keys = order[start:end]
         lengths = [len(audio[k]) for k in keys]
-        batches.append((keys, offset, len(keys), max(lengths), lengths))
-        offset += len(keys) * max(lengths)
+        t = max(lengths) if pad_multiple <= 0 else -(-max(lengths) // pad_multiple) * pad_multiple
+        batches.append((keys, offset, len(keys), t, lengths))
+        offset += len(keys) * t
         start = end
     flat = np.zeros(offset, dtype=np.float32)
     for keys, off, b, t, lengths in batches:
@@ -147,11 +153,14 @@ def _targets(codec, audio, lengths, threshold, num_quantizers, semantic, semanti
 
 @torch.no_grad()
 def encode_prepared(prepared: dict, codec, teacher, thresholds: list[float], device: str = "cpu",
-                    acoustic: int | None = None, timing: dict | None = None) -> dict[str, dict]:
+                    acoustic: int | None = None, timing: dict | None = None, dtype: str = "fp32") -> dict[str, dict]:
     """{key: tokens-json dict} for a `prepare_shard` result. The teacher runs once per batch (its features do not
-    depend on the threshold); ``timing`` gets the seconds spent in "teacher" and "codec" added."""
+    depend on the threshold); ``timing`` gets the seconds spent in "teacher" and "codec" added. ``dtype`` "bf16":
+    teacher and codec under bf16 autocast (faster on a GPU; codes may then differ from fp32's)."""
     timing = {} if timing is None else timing
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    kind = torch.device(device).type
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    amp = torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype == "bf16")
     flat = torch.as_tensor(prepared["audio"])
     out: dict[str, dict] = {}
     for keys, off, b, t, lengths in prepared["batches"]:
@@ -162,13 +171,15 @@ def encode_prepared(prepared: dict, codec, teacher, thresholds: list[float], dev
         t0 = time.perf_counter()
         semantic = semantic_lengths = None
         if teacher is not None:
-            semantic, semantic_lengths = teacher(wav, lengths)
+            with amp:
+                semantic, semantic_lengths = teacher(wav, lengths)
             sync()
         t1 = time.perf_counter()
         timing["teacher"] = timing.get("teacher", 0.0) + t1 - t0
         for thr in thresholds:
-            codes, durations, num, rvq = _targets(codec, wav, lengths, thr, acoustic or 1, semantic,
-                                                  semantic_lengths)
+            with amp:
+                codes, durations, num, rvq = _targets(codec, wav, lengths, thr, acoustic or 1, semantic,
+                                                      semantic_lengths)
             codes, durations, num = codes.tolist(), durations.tolist(), num.tolist()
             rvq = rvq.tolist() if rvq is not None else None
             for i, k in enumerate(keys):
@@ -212,9 +223,10 @@ class ShardReader(Dataset):
     made it unreadable. One shard per loader task: the DataLoader delivers them in shard order whatever the
     number of workers, so the output does not depend on it."""
 
-    def __init__(self, shards: list[Path], sample_rate: int, batch_seconds: float, num_workers: int = 0):
+    def __init__(self, shards: list[Path], sample_rate: int, batch_seconds: float, num_workers: int = 0,
+                 pad_multiple: int = 0):
         self.shards, self.sample_rate, self.batch_seconds = list(shards), sample_rate, batch_seconds
-        self.num_workers = num_workers
+        self.num_workers, self.pad_multiple = num_workers, pad_multiple
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -225,7 +237,7 @@ class ShardReader(Dataset):
             samples = read_shard(self.shards[i])
         except Exception as e:  # noqa: BLE001 - an unreadable (truncated, not a tar) shard is reported, not fatal
             return {"index": i, "error": f"{type(e).__name__}: {e}", "decode_seconds": time.perf_counter() - start}
-        prepared = prepare_shard(samples, self.sample_rate, self.batch_seconds)
+        prepared = prepare_shard(samples, self.sample_rate, self.batch_seconds, self.pad_multiple)
         prepared["audio"] = self._share(prepared["audio"])
         return {"index": i, "error": None, "samples": samples, **prepared,
                 "decode_seconds": time.perf_counter() - start}
@@ -266,10 +278,12 @@ def default_workers() -> int:
 
 def extract_dir(shards: list[Path], out_dir: Path, codec, teacher, thresholds: list[float], codec_id: str,
                 sample_rate: int = 16000, batch_seconds: float = 120.0, device: str = "cpu",
-                acoustic: int | None = None, workers: int = 0, report: dict | None = None) -> dict:
+                acoustic: int | None = None, workers: int = 0, report: dict | None = None,
+                pad_seconds: float = 0.0, dtype: str = "fp32") -> dict:
     """Tokenise every shard that has no output yet; returns ``{"shards", "skipped_existing", "items"}``.
     ``workers`` > 0: shards are read and decoded in that many DataLoader worker processes (0: in this process),
-    the output is the same. ``report`` (a dict) gets the details: audio seconds, skipped samples by reason,
+    the output is the same. ``pad_seconds``: batch lengths rounded up to a multiple of it (see `prepare_shard`);
+    ``dtype``: see `encode_prepared`. ``report`` (a dict) gets the details: audio seconds, skipped samples by reason,
     unreadable shards and the time split (see `format_summary`)."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +303,8 @@ def extract_dir(shards: list[Path], out_dir: Path, codec, teacher, thresholds: l
 
     writer = ThreadPoolExecutor(1, thread_name_prefix="extract_tokens_writer")  # one: shards written in order
     pending: deque = deque()
-    loader = DataLoader(ShardReader(todo, sample_rate, batch_seconds, workers), batch_size=None, shuffle=False,
+    reader = ShardReader(todo, sample_rate, batch_seconds, workers, int(round(pad_seconds * sample_rate)))
+    loader = DataLoader(reader, batch_size=None, shuffle=False,
                         num_workers=workers, collate_fn=_as_is,
                         **({"worker_init_fn": ignore_job_signals, "prefetch_factor": PREFETCH} if workers else {}))
     iterator = iter(loader) if todo else iter(())
@@ -312,7 +327,7 @@ def extract_dir(shards: list[Path], out_dir: Path, codec, teacher, thresholds: l
                 log.warning("%s: %s: %s, skipped (no %s)", shard, key, reason, TOKENS_MEMBER)
                 skipped[reason] += 1
             repaired.update({k: v for k, v in item["counts"].items() if k not in SKIP_REASONS})
-            tokens = encode_prepared(item, codec, teacher, thresholds, device, acoustic, timing)
+            tokens = encode_prepared(item, codec, teacher, thresholds, device, acoustic, timing, dtype)
             audio_seconds += item["audio_seconds"]
             while len(pending) > 1:  # at most one shard waiting behind the one being written
                 stats["items"] += pending.popleft().result()
@@ -373,7 +388,19 @@ def main(argv=None) -> dict:
     p.add_argument("--acoustic", action="store_true", help="also write the acoustic (RVQ) codes")
     p.add_argument("--num-quantizers", type=int, default=8,
                    help="with --acoustic: codebooks counting the semantic one (8 = FSQ + 7 RVQ)")
+    p.add_argument("--pad-seconds", type=float, default=None,
+                   help="round each batch's length up to a multiple of this (default: 1.0 on CUDA, where repeating "
+                        "shapes let cudnn.benchmark pay off; 0 = no rounding, the default on CPU)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.backends.cudnn.benchmark (default: on with CUDA)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: teacher and codec under bf16 autocast (GPU; codes may differ from fp32's)")
     args = p.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    pad_seconds = args.pad_seconds if args.pad_seconds is not None else (1.0 if cuda else 0.0)
+    if pad_seconds < 0:
+        raise SystemExit(f"--pad-seconds must be >= 0, got {args.pad_seconds}")
+    torch.backends.cudnn.benchmark = cuda if args.cudnn_benchmark is None else args.cudnn_benchmark
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     src = Path(args.shards)
@@ -392,10 +419,14 @@ def main(argv=None) -> dict:
     if args.acoustic and not 2 <= args.num_quantizers <= codec.n_codebooks + 1:
         raise SystemExit(f"--num-quantizers {args.num_quantizers} must be in [2, {codec.n_codebooks + 1}] with "
                          "--acoustic for this codec (1 would be the semantic codes only)")
+    print(f"settings: device {args.device}, dtype {args.dtype}, cudnn.benchmark {torch.backends.cudnn.benchmark}, "
+          f"batch {args.batch_seconds:g} s of audio, lengths padded to multiples of {pad_seconds:g} s, "
+          f"workers {args.workers}", flush=True)
     report: dict = {}
     stats = extract_dir(shards, Path(args.out), codec, teacher, args.thresholds, str(args.ckpt),
                         batch_seconds=args.batch_seconds, device=args.device,
-                        acoustic=args.num_quantizers if args.acoustic else None, workers=args.workers, report=report)
+                        acoustic=args.num_quantizers if args.acoustic else None, workers=args.workers, report=report,
+                        pad_seconds=pad_seconds, dtype=args.dtype)
     print(format_summary(stats, report) + f"; model load {load_seconds:.1f}s", flush=True)
     t = report["time"]
     stats.update(
