@@ -22,7 +22,6 @@ from flexitrain.models.codec.merging import downsample_features_per_item
 from tolerances import NETWORK_REL
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL_VERSION = "0.1.2"
 
 TINY = dict(
     sample_rate=16000, encoder_dim=8, encoder_rates=[4, 4, 5, 8, 2], decoder_rates=[2, 8, 5, 4, 4],
@@ -96,27 +95,17 @@ save_file(out, str(work / "official_out.safetensors"))
 
 
 def official_package() -> Path:
-    """A ``pip --target`` folder holding flexicodec==0.1.2 (installed --no-deps on first use), else skip."""
-    def holds(d: Path) -> bool:
-        return (d / f"flexicodec-{OFFICIAL_VERSION}.dist-info").is_dir() and (d / "flexicodec").is_dir()
+    """A ``pip --target`` folder holding flexicodec==0.1.2 (installed --no-deps on first use), else skip; a
+    ``$FLEXICODEC_OFFICIAL`` that holds none fails."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_codec
 
-    env = os.environ.get("FLEXICODEC_OFFICIAL")
-    if env:
-        if not holds(Path(env)):
-            pytest.fail(f"FLEXICODEC_OFFICIAL={env} holds no flexicodec {OFFICIAL_VERSION}")
-        return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexitrain" / \
-        f"flexicodec-{OFFICIAL_VERSION}"
-    if not holds(cache):
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(cache),
-               f"flexicodec=={OFFICIAL_VERSION}"]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"could not install flexicodec=={OFFICIAL_VERSION}: {e}")
-        if res.returncode != 0 or not holds(cache):
-            pytest.skip(f"could not install flexicodec=={OFFICIAL_VERSION}: {res.stderr.strip()[-300:]}")
-    return cache
+    try:
+        return bench_codec.official_package_dir()
+    except RuntimeError as e:
+        if os.environ.get("FLEXICODEC_OFFICIAL"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
 
 
 def test_semantic_features_match_official_get_semantic_feature(tmp_path):

@@ -1,21 +1,27 @@
 #!/usr/bin/env python
-"""Benchmark FlexiCodec encode + decode at the released dimensions (random weights).
+"""Benchmark FlexiCodec encode + decode at the released dimensions (random weights), against the official code.
 
-    python tools/bench_codec.py                      # batch 16 × 6 s, CPU fp32 (the issue's setting)
-    python tools/bench_codec.py --batch 2 --seconds 2 --repeats 1
-    python tools/bench_codec.py --device cuda --dtype bf16
-    python tools/bench_codec.py --official-src /path/to/FlexiCodec   # also time the official code
+    python tools/bench_codec.py                      # batch 16 × 6 s, CPU fp32, official code in the same run
+    python tools/bench_codec.py --batch 2 --seconds 2 --repeats 1 --official none
+    python tools/bench_codec.py --device cuda --batch 64 --seconds 10 --dtype bf16 --official-dtype bf16 --compile
 
 Teacher (SenseVoice) features are given as input, τ = 0.91, 8 quantizers. RTF = wall time /
-audio duration (lower is faster). With ``--official-src`` (a checkout of amphionspace/FlexiCodec)
-the official ``FlexiCodec`` is built with the same config, loaded with the same weights, run on
-the same inputs, and the codes are compared; its missing heavy dependencies (funasr,
-transformers, audiotools, dac) are stubbed — the teacher is not run, so they are not needed.
+audio duration (lower is faster). The official ``FlexiCodec`` (``--official auto``: the ``flexicodec==0.1.2``
+package, installed ``--no-deps`` into ~/.cache/flexitrain on first use; or a folder holding the ``flexicodec``
+package, e.g. a checkout of amphionspace/FlexiCodec; ``none`` to skip) is built with the same config, loaded
+with the same weights, run on the same inputs, and the codes are compared; its missing heavy dependencies
+(funasr, transformers, audiotools, dac) are stubbed — the teacher is not run, so they are not needed.
+Each timing is the best of --repeats after a warm-up run (which also autotunes with cudnn.benchmark and
+compiles with --compile). The last line is
+
+    bench_codec: ours R1 audio-s/s (RTF) | official R2 audio-s/s | ratio X | codes identical: B | settings
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,6 +131,34 @@ def install_stubs() -> None:
         module("torchaudio.functional.functional", _hz_to_mel=None, _mel_to_hz=None)
 
 
+OFFICIAL_VERSION = "0.1.2"
+
+
+def official_package_dir() -> Path:
+    """A ``pip --target`` folder holding flexicodec==0.1.2: ``$FLEXICODEC_OFFICIAL``, or ~/.cache/flexitrain/...,
+    installed there with ``pip --no-deps`` on first use. RuntimeError (saying why) when it cannot be had."""
+    def holds(d: Path) -> bool:
+        return (d / f"flexicodec-{OFFICIAL_VERSION}.dist-info").is_dir() and (d / "flexicodec").is_dir()
+
+    env = os.environ.get("FLEXICODEC_OFFICIAL")
+    if env:
+        if not holds(Path(env)):
+            raise RuntimeError(f"FLEXICODEC_OFFICIAL={env} holds no flexicodec {OFFICIAL_VERSION}")
+        return Path(env)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flexitrain" / \
+        f"flexicodec-{OFFICIAL_VERSION}"
+    if not holds(cache):
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(cache),
+               f"flexicodec=={OFFICIAL_VERSION}"]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeError(f"could not install flexicodec=={OFFICIAL_VERSION}: {e}") from None
+        if res.returncode != 0 or not holds(cache):
+            raise RuntimeError(f"could not install flexicodec=={OFFICIAL_VERSION}: {res.stderr.strip()[-300:]}")
+    return cache
+
+
 def build_official(src: Path, config: dict, state: dict):
     install_stubs()
     sys.path.insert(0, str(src))
@@ -141,7 +175,16 @@ def build_official(src: Path, config: dict, state: dict):
     return model.eval()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _settings(args, compiled: list[str]) -> str:
+    cudnn = bool(torch.backends.cudnn.benchmark) if args.device.startswith("cuda") else "n/a"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 if args.device.startswith("cuda") else "n/a"
+    return (f"device={args.device} dtype={args.dtype} official_dtype={args.official_dtype} "
+            f"threads={torch.get_num_threads()} batch={args.batch} seconds={args.seconds} tau={args.threshold} "
+            f"nq={args.num_quantizers} cudnn.benchmark={cudnn} tf32={tf32} "
+            f"compile={'+'.join(compiled) if compiled else 'off'} sync_free={args.device != 'cpu'}")
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=6.0)
@@ -149,29 +192,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-quantizers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="best of N timed runs (after one warm-up)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (GPU)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="ours; bf16 = autocast (GPU)")
+    ap.add_argument("--official-dtype", default="fp32", choices=["fp32", "bf16"], help="the official code's")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    ap.add_argument("--official-src", type=Path, help="checkout of amphionspace/FlexiCodec to compare against")
+    ap.add_argument("--official", default="auto",
+                    help="auto (flexicodec==0.1.2 from the package index), none, or a folder holding `flexicodec`")
+    ap.add_argument("--official-src", type=Path, help="alias of --official PATH (a checkout of FlexiCodec)")
+    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.backends.cudnn.benchmark for both codecs (default: on with CUDA; fixed shapes here)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile our DAC encoder/decoder and bottleneck (fixed shapes; compiles on the warm-up)")
     ap.add_argument("--compile-snake", action="store_true",
                     help="opt-in: torch.compile the inference Snake (needs a C++ compiler; compiles on the warm-up)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    torch.backends.cudnn.benchmark = cuda if args.cudnn_benchmark is None else args.cudnn_benchmark
     if args.compile_snake:
         from flexitrain.models.codec.layers import enable_compiled_snake
 
         enable_compiled_snake()
+    official_dir = args.official_src
+    if official_dir is None and args.official != "none":
+        try:
+            official_dir = official_package_dir() if args.official == "auto" else Path(args.official)
+        except RuntimeError as e:
+            print(f"official code not run: {e}")
 
     torch.manual_seed(0)
     model = FlexiCodec(**RELEASED_CONFIG).eval().to(args.device)
+    compiled = []
+    if args.compile:
+        from flexitrain.tasks.compiling import codec_inference_targets, compile_options, compile_modules
+
+        compiled = compile_modules(codec_inference_targets(model), compile_options(True))
     wav, sem = make_inputs(args.batch, args.seconds)
     wav, sem = wav.to(args.device), sem.to(args.device)
     audio_s = args.batch * args.seconds
-    amp = torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def amp(dtype: str):
+        return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     def run(masked: bool):
         def encode():
-            with amp:
+            with amp(args.dtype):
                 return model.encode(wav, threshold=args.threshold, num_quantizers=args.num_quantizers,
                                     semantic_features=sem, use_padding_mask=masked)
 
@@ -179,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens = encode()  # warm-up
 
             def decode():
-                with amp:
+                with amp(args.dtype):
                     return model.decode_codes(tokens.semantic_codes, tokens.acoustic_codes, tokens.token_lengths,
                                               use_padding_mask=masked)
 
@@ -188,53 +253,62 @@ def main(argv: list[str] | None = None) -> int:
             t_dec, audio = timed(decode, args.device, args.repeats)
         return t_enc, t_dec, tokens, audio
 
-    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} batch={args.batch} "
-          f"seconds={args.seconds} tau={args.threshold} nq={args.num_quantizers}")
+    print(_settings(args, compiled))
     results = {}
-    for masked in (True, False) if args.official_src is not None else (True,):
+    for masked in (True, False) if official_dir is not None else (True,):
         t_enc, t_dec, tokens, audio = results[masked] = run(masked)
         name = "flexitrain (padding masks, default API)" if masked else "flexitrain (official-compatible, no masks)"
         print(f"{name}: encode {t_enc:.3f} s, decode {t_dec:.3f} s, total {t_enc + t_dec:.3f} s, "
               f"RTF {(t_enc + t_dec) / audio_s:.4f} (encode {t_enc / audio_s:.4f}, decode {t_dec / audio_s:.4f}); "
               f"tokens/s {float(tokens.frame_rate.mean()):.2f}")
+    m_total = sum(results[True][:2])
+    out = {"settings": _settings(args, compiled), "ours_audio_s_per_s": audio_s / m_total, "ours_rtf": m_total / audio_s}
 
-    if args.official_src is not None:
+    if official_dir is not None:
         t_enc, t_dec, tokens, _ = results[False]
-        official = build_official(args.official_src, RELEASED_CONFIG, model.codec_state_dict()).to(args.device)
+        official = build_official(official_dir, RELEASED_CONFIG, model.codec_state_dict()).to(args.device)
         x_wav = wav[:, None]
 
         def off_encode():
-            return official.forward_features(x_wav, 16000, n_quantizers=args.num_quantizers, semantic_repr=sem,
-                                             alignment_hidden=sem, encode_only=True,
-                                             manual_threshold=args.threshold)
+            with amp(args.official_dtype):
+                return official.forward_features(x_wav, 16000, n_quantizers=args.num_quantizers, semantic_repr=sem,
+                                                 alignment_hidden=sem, encode_only=True,
+                                                 manual_threshold=args.threshold)
 
         with torch.no_grad():
             enc = off_encode()
 
             def off_decode():
-                return official.decode_from_codes(enc.semantic_codes, enc.acoustic_codes, enc.token_lengths)
+                with amp(args.official_dtype):
+                    return official.decode_from_codes(enc.semantic_codes, enc.acoustic_codes, enc.token_lengths)
 
             off_decode()
             o_enc, enc = timed(off_encode, args.device, args.repeats)
             o_dec, o_audio = timed(off_decode, args.device, args.repeats)
             # our decoder on the official codes (incl. its codes for padded groups) → same audio
-            audio = model.decode_codes(enc.semantic_codes, enc.acoustic_codes, enc.token_lengths,
-                                       use_padding_mask=False)
+            with amp(args.dtype):
+                audio = model.decode_codes(enc.semantic_codes, enc.acoustic_codes, enc.token_lengths,
+                                           use_padding_mask=False)
         # the official code leaves codes in padded groups; ours zeroes them: compare valid tokens
         valid = tokens.token_lengths > 0
         same = torch.equal(enc.token_lengths, tokens.token_lengths) and \
             torch.equal(enc.semantic_codes[:, 0].long()[valid], tokens.semantic_codes[valid]) and \
             torch.equal(enc.acoustic_codes.transpose(1, 2)[valid], tokens.acoustic_codes.transpose(1, 2)[valid])
-        diff = float((o_audio - audio).abs().max()) if o_audio.shape == audio.shape else float("nan")
+        diff = float((o_audio.float() - audio.float()).abs().max()) if o_audio.shape == audio.shape else float("nan")
         print(f"official: encode {o_enc:.3f} s, decode {o_dec:.3f} s, total {o_enc + o_dec:.3f} s, "
               f"RTF {(o_enc + o_dec) / audio_s:.4f}")
         print(f"speed-up (official-compatible path): encode {o_enc / t_enc:.2f}x, decode {o_dec / t_dec:.2f}x, "
               f"total {(o_enc + o_dec) / (t_enc + t_dec):.2f}x; identical codes: {same}; "
               f"max |Δaudio| (same codes) {diff:.2e}")
-        m_enc, m_dec = results[True][:2]
-        print(f"speed-up (padding-masked default API): total {(o_enc + o_dec) / (m_enc + m_dec):.2f}x")
-    return 0
+        print(f"speed-up (padding-masked default API): total {(o_enc + o_dec) / m_total:.2f}x")
+        out.update(official_audio_s_per_s=audio_s / (o_enc + o_dec), ratio=(o_enc + o_dec) / m_total,
+                   codes_identical=same, max_audio_diff=diff)
+    official_part = (f"official {out['official_audio_s_per_s']:.1f} audio-s/s | ratio {out['ratio']:.2f}x | "
+                     f"codes identical: {out['codes_identical']}" if "ratio" in out else "official not run")
+    print(f"bench_codec: ours {out['ours_audio_s_per_s']:.1f} audio-s/s (RTF {out['ours_rtf']:.4f}) | "
+          f"{official_part} | {out['settings']}")
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -31,12 +31,18 @@ def compile_options(cfg: Any) -> dict:
     return {**DEFAULTS, "enabled": True, **dict(cfg)}
 
 
+def codec_inference_targets(codec: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """A FlexiCodec's fixed-control-flow parts: the DAC encoder and decoder and the bottleneck transformer."""
+    targets = [(f"{prefix}dac.encoder", codec.dac.encoder), (f"{prefix}dac.decoder", codec.dac.decoder)]
+    bt = getattr(codec, "bottleneck_transformer", None)
+    if bt is not None and not isinstance(bt, nn.Identity):
+        targets.append((f"{prefix}bottleneck_transformer", bt))
+    return targets
+
+
 def codec_compile_targets(generator: nn.Module, discriminator: nn.Module, mel_loss: nn.Module,
                           teacher: nn.Module | None) -> list[tuple[str, nn.Module]]:
-    targets = [("generator.dac.encoder", generator.dac.encoder), ("generator.dac.decoder", generator.dac.decoder)]
-    bt = getattr(generator, "bottleneck_transformer", None)
-    if bt is not None and not isinstance(bt, nn.Identity):
-        targets.append(("generator.bottleneck_transformer", bt))
+    targets = codec_inference_targets(generator, "generator.")
     for i, d in enumerate(getattr(discriminator, "discriminators", [])):
         targets.append((f"discriminator.discriminators.{i}", d))
     targets.append(("mel_loss", mel_loss))
