@@ -235,3 +235,20 @@ def test_cli_single_and_batch(task_checkpoints, exported, prompt_wav, tmp_path):
     assert [(r["id"], r["threshold"]) for r in done] == [("u0", 0.86), ("u2", 0.91)]
     assert all((tmp_path / "batch" / f"{r['id']}.wav").is_file() and r["rtf"] > 0 for r in done)
     assert "2 utterance(s)" in res.stdout and "1 failed: u1" in res.stdout
+
+
+def test_cli_sampling_options_reach_the_pipeline(monkeypatch):
+    """--compile-step / --check-every (and the other sampling flags) become the pipeline's SamplingConfig."""
+    from flexitrain.tts import cli
+    from flexitrain.tts.pipeline import TTSPipeline
+
+    seen = {}
+    monkeypatch.setattr(TTSPipeline, "from_checkpoints", classmethod(lambda cls, *a, **k: seen.update(k) or "p"))
+    args = cli.build_parser().parse_args(["--ar", "a", "--nar", "n", "--vocoder", "v", "--text", "Hi.",
+                                          "--compile-step", "--check-every", "4", "--top-k", "1"])
+    assert cli.build_pipeline(args) == "p"
+    s = seen["sampling"]
+    assert (s.compile_step, s.check_every, s.top_k) == (True, 4, 1)
+    args = cli.build_parser().parse_args(["--ar", "a", "--nar", "n", "--vocoder", "v", "--text", "Hi."])
+    cli.build_pipeline(args)
+    assert (seen["sampling"].compile_step, seen["sampling"].check_every) == (False, 16)

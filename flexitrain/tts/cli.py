@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-token-text-ratio", type=float, default=0.0, help="no EOS before this many tokens per text id")
     s.add_argument("--min-prompt-pace", type=float, default=0.0,
                    help="> 0: no EOS before this fraction of the prompt's tokens-per-text-id pace (weak demo models)")
+    s.add_argument("--compile-step", action="store_true",
+                   help="torch.compile the AR per-token step over a static KV cache (CUDA: CUDA graphs via "
+                        "mode=reduce-overhead); greedy tokens are unchanged; compiles on the first utterance")
+    s.add_argument("--check-every", type=int, default=16,
+                   help="AR steps between the host's looks for end of sequence (one device sync each)")
     s.add_argument("--steps", type=int, default=15, help="NAR Euler steps")
     s.add_argument("--cfg", type=float, default=2.0, help="NAR classifier-free guidance strength")
     s.add_argument("--rescale-cfg", type=float, default=0.75)
@@ -117,7 +122,8 @@ def build_pipeline(args):
     sampling = SamplingConfig(top_k=args.top_k, temperature=args.temperature, duration_top_k=args.duration_top_k,
                               duration_temperature=args.duration_temperature,
                               max_token_text_ratio=args.max_token_text_ratio,
-                              min_token_text_ratio=args.min_token_text_ratio)
+                              min_token_text_ratio=args.min_token_text_ratio, compile_step=args.compile_step,
+                              check_every=args.check_every)
     return TTSPipeline.from_checkpoints(args.ar, args.nar, args.vocoder, codec=args.codec, teacher=teacher,
                                         frame_rates=frame_rates, sampling=sampling,
                                         nar_config=NARConfig(args.steps, args.cfg, args.rescale_cfg), device=args.device,
