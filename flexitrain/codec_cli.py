@@ -175,6 +175,12 @@ def load_model(args, parser, need_teacher: bool):
             codec, teacher = load_codec(path, teacher_cfg, device=args.device)
     except (OSError, ValueError, RuntimeError) as err:
         parser.error(f"--model {args.model!r}: {err}")
+    import torch
+
+    if torch.device(args.device).type == "cuda":
+        # Windows of --chunk-seconds, --batch-windows at a time: the same few shapes again and again, so
+        # cuDNN's per-shape autotuning is paid once and then picks the fastest convolution kernels.
+        torch.backends.cudnn.benchmark = True
     return codec, teacher, file_hash(path)
 
 
