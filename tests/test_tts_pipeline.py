@@ -238,17 +238,24 @@ def test_cli_single_and_batch(task_checkpoints, exported, prompt_wav, tmp_path):
 
 
 def test_cli_sampling_options_reach_the_pipeline(monkeypatch):
-    """--compile-step / --check-every (and the other sampling flags) become the pipeline's SamplingConfig."""
+    """--compile-step / --check-every (and the other sampling flags) become the pipeline's SamplingConfig;
+    --nar-batch / --nar-compile / --steps its NARConfig."""
     from flexitrain.tts import cli
     from flexitrain.tts.pipeline import TTSPipeline
 
     seen = {}
     monkeypatch.setattr(TTSPipeline, "from_checkpoints", classmethod(lambda cls, *a, **k: seen.update(k) or "p"))
     args = cli.build_parser().parse_args(["--ar", "a", "--nar", "n", "--vocoder", "v", "--text", "Hi.",
-                                          "--compile-step", "--check-every", "4", "--top-k", "1"])
+                                          "--compile-step", "--check-every", "4", "--top-k", "1", "--nar-batch", "on",
+                                          "--nar-compile", "--steps", "7"])
     assert cli.build_pipeline(args) == "p"
-    s = seen["sampling"]
+    s, n = seen["sampling"], seen["nar_config"]
     assert (s.compile_step, s.check_every, s.top_k) == (True, 4, 1)
-    args = cli.build_parser().parse_args(["--ar", "a", "--nar", "n", "--vocoder", "v", "--text", "Hi."])
+    assert (n.n_timesteps, n.batch, n.compile) == (7, True, True)
+    args = cli.build_parser().parse_args(["--ar", "a", "--nar", "n", "--vocoder", "v", "--text", "Hi.",
+                                          "--nar-batch", "off"])
     cli.build_pipeline(args)
     assert (seen["sampling"].compile_step, seen["sampling"].check_every) == (False, 16)
+    assert (seen["nar_config"].batch, seen["nar_config"].compile) == (False, False)
+    cli.build_pipeline(cli.build_parser().parse_args(["--ar", "a", "--nar", "n", "--vocoder", "v", "--text", "Hi."]))
+    assert seen["nar_config"].batch is None

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", default="tts.wav", help="output wav (single utterance)")
     o.add_argument("--out-dir", default="tts_out", help="output folder (batch): <id>.wav + results.jsonl")
-    o.add_argument("--ar-batch", type=int, default=16, help="utterances the AR decodes together (batch mode)")
+    o.add_argument("--ar-batch", type=int, default=16, help="utterances decoded together (batch mode): the AR, and the NAR with --nar-batch")
     o.add_argument("--ar-only", action="store_true",
                    help="decode the AR tokens with the codec's own decoder (16 kHz); no NAR / vocoder")
     s = p.add_argument_group("sampling")
@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=15, help="NAR Euler steps")
     s.add_argument("--cfg", type=float, default=2.0, help="NAR classifier-free guidance strength")
     s.add_argument("--rescale-cfg", type=float, default=0.75)
+    s.add_argument("--nar-batch", choices=("auto", "on", "off"), default="auto",
+                   help="batch mode: sample the chunk's mels together, one NAR call per Euler step (on), or per "
+                        "utterance (off); auto = together except on the CPU, where padding costs more than it saves")
+    s.add_argument("--nar-compile", action="store_true",
+                   help="torch.compile the NAR velocity model (pays off over many utterances on a GPU)")
     return p
 
 
@@ -126,7 +131,9 @@ def build_pipeline(args):
                               check_every=args.check_every)
     return TTSPipeline.from_checkpoints(args.ar, args.nar, args.vocoder, codec=args.codec, teacher=teacher,
                                         frame_rates=frame_rates, sampling=sampling,
-                                        nar_config=NARConfig(args.steps, args.cfg, args.rescale_cfg), device=args.device,
+                                        nar_config=NARConfig(args.steps, args.cfg, args.rescale_cfg,
+                                                             {"auto": None, "on": True, "off": False}[args.nar_batch],
+                                                             args.nar_compile), device=args.device,
                                         min_prompt_pace=args.min_prompt_pace, zh_g2p=args.zh_g2p,
                                         g2p=not args.no_g2p)
 

@@ -116,22 +116,48 @@ class VoiceboxNAR(nn.Module):
     def mel_dim(self) -> int:
         return self.config.mel_dim
 
-    @torch.inference_mode()
-    def synthesize(self, gen_tokens: Tensor, gen_durations: Tensor, prompt_codes: Tensor | None = None,
-                   prompt_mel: Tensor | None = None, **sampler_kwargs) -> Tensor:
-        """One utterance: AR tokens ``[T]`` + durations ``[T]`` (+ 12.5 Hz prompt codes ``[Tp]`` and the prompt's
-        normalised mel ``[Tm, 128]``) → generated mel ``[T_gen, 128]`` (prompt excluded). Sampler arguments:
-        `flow_sampling.sample_mel`."""
-        from flexitrain.models.tts.flow_sampling import sample_mel
-
+    def _condition(self, gen_tokens: Tensor, gen_durations: Tensor,
+                   prompt_codes: Tensor | None) -> tuple[Tensor, int]:
+        """The 50 Hz condition ``[1, T, H]`` of [prompt codes ; expanded generated codes] and its prompt frames."""
         codes = expand_codes(gen_tokens, gen_durations)
         if prompt_codes is not None:
             codes = torch.cat([prompt_codes.reshape(-1).to(codes), codes])
-        cond = self.voicebox_model.embed_codes(codes[None])
         n_prompt_frames = 0 if prompt_codes is None else prompt_codes.numel() * self.config.cond_scale_factor
+        return self.voicebox_model.embed_codes(codes[None]), n_prompt_frames
+
+    @torch.inference_mode()
+    def synthesize(self, gen_tokens: Tensor, gen_durations: Tensor, prompt_codes: Tensor | None = None,
+                   prompt_mel: Tensor | None = None, estimator: nn.Module | None = None,
+                   **sampler_kwargs) -> Tensor:
+        """One utterance: AR tokens ``[T]`` + durations ``[T]`` (+ 12.5 Hz prompt codes ``[Tp]`` and the prompt's
+        normalised mel ``[Tm, 128]``) → generated mel ``[T_gen, 128]`` (prompt excluded). Sampler arguments:
+        `flow_sampling.sample_mel`; `estimator`: the velocity model to call (default `voicebox_model`, or e.g.
+        a compiled wrapper of it)."""
+        from flexitrain.models.tts.flow_sampling import sample_mel
+
+        cond, n_prompt_frames = self._condition(gen_tokens, gen_durations, prompt_codes)
         prompt = None if prompt_mel is None else prompt_mel[None]
-        return sample_mel(self.voicebox_model, cond, prompt, prompt_cond_frames=n_prompt_frames,
-                          **sampler_kwargs)[0]
+        model = self.voicebox_model if estimator is None else estimator
+        return sample_mel(model, cond, prompt, prompt_cond_frames=n_prompt_frames, **sampler_kwargs)[0]
+
+    @torch.inference_mode()
+    def synthesize_batch(self, gen_tokens: list[Tensor], gen_durations: list[Tensor],
+                         prompt_codes: list[Tensor | None] | None = None,
+                         prompt_mels: list[Tensor | None] | None = None, seeds: list[int | None] | None = None,
+                         estimator: nn.Module | None = None, **sampler_kwargs) -> list[Tensor]:
+        """`synthesize` for several utterances, sampled together (`flow_sampling.sample_mel_batch`: one model
+        call per Euler step for all of them); item b equals ``synthesize(..., seed=seeds[b])`` up to float
+        rounding."""
+        from flexitrain.models.tts.flow_sampling import sample_mel_batch
+
+        n = len(gen_tokens)
+        prompt_codes = [None] * n if prompt_codes is None else prompt_codes
+        if len(gen_durations) != n or len(prompt_codes) != n:
+            raise ValueError(f"{n} token sequences but {len(gen_durations)} durations, {len(prompt_codes)} prompts")
+        conds = [self._condition(t, d, p) for t, d, p in zip(gen_tokens, gen_durations, prompt_codes)]
+        model = self.voicebox_model if estimator is None else estimator
+        return sample_mel_batch(model, [c[0] for c, _ in conds], prompt_mels,
+                                prompt_cond_frames=[p for _, p in conds], seeds=seeds, **sampler_kwargs)
 
     # ------------------------------------------------------------------ checkpoint directory
     def save_pretrained(self, path: str | Path) -> None:
