@@ -68,6 +68,9 @@ class Mel24k(nn.Module):
         pad = (self.n_fft - self.hop_length) // 2
         if wav.shape[-1] <= pad or wav.shape[-1] < self.hop_length:
             raise ValueError(f"audio of {wav.shape[-1]} samples is too short for a {self.hop_length}-sample hop")
+        # fp32 island: torch.stft takes no bf16 input, and the magnitude's squares, its epsilon (1e-9) and the log
+        # of the mel energies span a range that bf16's 8 significand bits would coarsen into the mel targets and
+        # conditions. Element-wise / FFT work without weights: little to gain from bf16.
         with torch.autocast(wav.device.type, enabled=False):
             x = F.pad(wav.float().unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
             spec = torch.stft(x, self.n_fft, hop_length=self.hop_length, win_length=self.n_fft,

@@ -30,7 +30,9 @@ How it works (and why it needs no forward indirection):
   some of its parameters without a gradient in some step, on some rank, declares ``find_unused_parameters=True``;
   for it the walk starts at the loss (as Lightning does), so parameters that only a zero-weighted or absent loss
   term reaches are detected too. Partial reach without it is a DDP error ("Expected to have finished reduction in
-  the prior iteration"), raised at the next ``manual_backward``.
+  the prior iteration"), raised at the next ``manual_backward``. A task that knows on the host which parameters a
+  step skips can instead keep the flag off and give them exact zero gradients (`with_zero_gradients`, one zeros
+  buffer per backward): the codec generator does so on its RVQ-bypass steps (see `CodecTask.training_step`).
 - Buffers of the whole module are broadcast from rank 0 once at setup (as DDP's constructor does), not before
   every forward: the GAN tasks have no running statistics. Parts containing BatchNorm are refused.
 
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -81,6 +83,47 @@ def declared_parts(module: nn.Module) -> dict[str, dict[str, Any]] | None:
             raise TypeError(f"ddp_submodules: {name!r} is a {type(sub).__name__}, not an nn.Module")
         parts[name] = dict(kwargs or {})
     return parts
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """Identity on a loss whose backward also hands each of ``params`` an exact zero gradient (see
+    `with_zero_gradients`)."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: Tensor, *params: Tensor) -> Tensor:
+        ctx.layout = [(p.shape, p.dtype, p.device) for p in params]
+        return loss.clone()  # bitwise the same value (a scalar copy); an output may not be an input as is
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # One zeros buffer per dtype/device, split into views shaped like the parameters: one fill kernel for all
+        # of them (AccumulateGrad may take a view with its parameter's layout as is; under DDP the reducer copies
+        # it into its bucket and points .grad at the bucket). No host sync.
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, dtype, device) in enumerate(ctx.layout):
+            groups.setdefault((dtype, device), []).append(i)
+        zeros: list[Tensor | None] = [None] * len(ctx.layout)
+        for (dtype, device), idx in groups.items():
+            sizes = [ctx.layout[i][0].numel() for i in idx]
+            flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+            for i, view in zip(idx, flat.split(sizes)):
+                zeros[i] = view.view(ctx.layout[i][0])
+        return (grad, *zeros)
+
+
+def with_zero_gradients(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``loss`` (the same value, and the same gradient everywhere it already reaches) whose backward also gives
+    each of ``params`` a gradient of exact zeros, so that a DDP part without ``find_unused_parameters`` sees every
+    one of its gradient hooks fire in a step that leaves ``params`` out. All-reduced with the other ranks' real
+    gradients, such zeros give the very sum that unused-parameter detection gives (it fills the bucket slots of
+    locally unused parameters with zeros); a parameter that was already reached gets ``g + 0 = g``. The one
+    difference: a parameter that *no* rank reached keeps ``.grad`` None under detection (the optimiser skips it)
+    but gets zeros here (fused AdamW would still decay it and step its moments); the caller must know that case
+    on the host and set those gradients back to None (`CodecTask` does, from every rank's bypass draws)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return loss
+    return _ZeroGradients.apply(loss, *params)
 
 
 class GanDDPStrategy(DDPStrategy):

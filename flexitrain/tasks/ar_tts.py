@@ -110,6 +110,8 @@ class ARTTSTask(TrainingStateMixin, L.LightningModule):
                 m.to(self.device).eval()
         keys = batch.get("keys")
         if not self.cache_targets or keys is None:
+            # fp32 island: the frozen teacher + codec decide discrete target codes and durations; in fp32 they are
+            # those of the pre-extracted shards (source=shards) and of inference, whatever the training precision.
             with torch.autocast(self.device.type, enabled=False):
                 return codec_targets(codec, teacher, batch["audio"].float(), batch["audio_lengths"], threshold)
         # The codec is frozen and deterministic: encode each (utterance, threshold) once, then reuse.
@@ -119,7 +121,7 @@ class ARTTSTask(TrainingStateMixin, L.LightningModule):
             idx = torch.tensor(todo, device=batch["audio"].device)
             lengths = batch["audio_lengths"][idx]
             audio = batch["audio"][idx, : int(lengths.max())].float()
-            with torch.autocast(self.device.type, enabled=False):
+            with torch.autocast(self.device.type, enabled=False):  # fp32 codes, as above (cached per utterance)
                 codes, durs, num = codec_targets(codec, teacher, audio, lengths, threshold)
             for j, i in enumerate(todo):
                 n = int(num[j])

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from flexitrain.cluster.gan_ddp import with_zero_gradients
 from flexitrain.losses.adversarial import discriminator_step_loss, generator_gan_terms
 from flexitrain.losses import build_repa_mlp, si_sdr
 from flexitrain.losses.masking import lengths_to_mask, masked_mse
@@ -29,7 +30,7 @@ from flexitrain.tasks.checkpointing import load_weights_strict
 from flexitrain.tasks.compiling import codec_compile_targets, compile_modules, compile_options
 from flexitrain.tasks.guards import NonFiniteStepGuard
 from flexitrain.tasks.schedules import lr_lambda
-from flexitrain.tasks.training_state import TrainingStateMixin
+from flexitrain.tasks.training_state import TrainingStateMixin, gather_per_rank
 from flexitrain.tasks.teacher import build_teacher, check_batch_lengths, check_feature_cache, teacher_min_samples
 
 
@@ -45,6 +46,26 @@ def build_repa_mlp_for(generator: nn.Module) -> nn.Module:
     if latent != dim:
         mlp[0] = nn.Linear(latent, 1536)
     return mlp
+
+
+def rvq_path_parameters(generator: nn.Module) -> list[nn.Parameter]:
+    """The generator's trainable parameters that only the acoustic RVQ path reaches: what a step with
+    ``bypass_quantize=True`` leaves without a gradient. `FlexiCodec.forward` still runs the DAC encoder (and the
+    acoustic aggregator) then, but feeds their output only to the skipped RVQ (the REPA target reads it detached,
+    and only without bypass); the semantic branch, bottleneck and decoder are reached either way. Checked
+    against the autograd graph by tests/test_gan_ddp.py."""
+    modules = [generator.dac.encoder, generator.dac.quantizer, getattr(generator, "acoustic_aggregator", None)]
+    return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def _generator_skips_always(generator: nn.Module) -> bool:
+    """A fixed-rate generator (``use_similarity_alignment=False``) never runs its aggregators or bottleneck
+    transformer (the official stage-1 path): those parameters get no gradient in any step."""
+    if getattr(generator, "use_similarity_alignment", True):
+        return False
+    unused = [getattr(generator, n, None) for n in ("bottleneck_transformer", "semantic_aggregator",
+                                                     "acoustic_aggregator")]
+    return any(p.requires_grad for m in unused if m is not None for p in m.parameters())
 
 
 class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
@@ -101,6 +122,13 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
                         **(_plain(validation) or {})}
         self.compile_cfg = compile_options(_plain(compile))
         self._rng = random.Random(0)  # reseeded per rank in setup(): τ and bypass draws differ across ranks
+        # Per-part DDP without unused-parameter detection (see ddp_submodules, on_train_start): every rank's copy
+        # of every rank's `_rng`, the RVQ-path parameters a bypass step touches with zero gradients, and whether
+        # some rank ran the RVQ in the current accumulation window.
+        self._peer_rngs: list[random.Random] | None = None
+        self._zero_fill_bypass = False
+        self._rvq_params: list[nn.Parameter] = []
+        self._rvq_in_window = True
         self._init_step_guard()  # skipped_steps counter (a buffer: survives resume)
         self._init_training_state(ema, "generator")  # EMA of the generator (task.ema), RNG states (per rank)
         self._micro = 0
@@ -133,12 +161,45 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         load_weights_strict(self, path)
 
     def ddp_submodules(self) -> dict[str, dict]:
-        """One DDP per part under `GanDDPStrategy` (trainer=ddp): each backward reduces only its own part. The
-        generator needs unused-parameter detection when a step may leave some of its parameters without a
-        gradient on some rank: a bypassed RVQ (drawn per rank) leaves out the acoustic encoder and the
-        quantiser; a zero loss weight drops a term (e.g. the codebook loss, the codebooks' only gradient)."""
-        skips = self.bypass_quantize_prob > 0 or any(w == 0 for w in self.loss_weights.values())
+        """One DDP per part under `GanDDPStrategy` (trainer=ddp): each backward reduces only its own part.
+
+        The generator needs unused-parameter detection (a graph walk from the loss and an extra all-reduce of
+        the used-parameter map, in every G backward) only when a step may leave some of its parameters without
+        a gradient in a way the host cannot tell: a zero loss weight drops a term (e.g. the codebook loss, the
+        codebooks' only gradient), and a fixed-rate generator never runs its aggregators / bottleneck.
+        A bypassed RVQ (drawn per rank on the host, ``bypass_quantize_prob``, 0.125 by default and in the
+        codec_12hz recipe) leaves out the DAC encoder, the quantiser and the acoustic aggregator
+        (`rvq_path_parameters`), but the step knows it before its backward: the bypassing rank hands those
+        parameters exact zero gradients, and when *no* rank ran the RVQ their gradients are set back to None,
+        so the optimiser skips them as before (training_step). Losses, updated weights and optimiser states are
+        those of unused-parameter detection (bit for bit with two ranks, tests/test_gan_ddp.py; with more, up to
+        the all-reduce's summation order, which depends on DDP's bucket layout either way). One process: unchanged.
+        Cost on a bypassing rank: one zeros buffer the size of the RVQ path, instead of a graph walk every step."""
+        skips = any(w == 0 for w in self.loss_weights.values()) or _generator_skips_always(self.generator)
         return {"generator": {"find_unused_parameters": skips}, "discriminator": {}, "repa_mlp": {}}
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        strategy = getattr(getattr(self, "_trainer", None), "strategy", None)
+        g_ddp = dict(getattr(strategy, "ddp_parts", None) or {}).get("generator")
+        # Zero-fill the RVQ path on bypass steps only where it replaces unused-parameter detection: the generator
+        # in its own DDP without it. One process (no DDP): nothing to do, the step is exactly as it always was.
+        self._zero_fill_bypass = bool(g_ddp is not None and not g_ddp.find_unused_parameters
+                                      and self.bypass_quantize_prob > 0)
+        self._rvq_params = rvq_path_parameters(self.generator) if self._zero_fill_bypass else []
+        self._peer_rngs = None
+        if self._zero_fill_bypass:
+            # Every rank replays every rank's τ/bypass stream (a few Python draws per rank and step), so all ranks
+            # know on the host, without a collective or a device sync, whether some rank runs the RVQ in a step.
+            # Gathered here, after a resume has restored each rank's stream; one object collective per fit.
+            states = gather_per_rank(self._rng.getstate())
+            peers = []
+            for rank, state in enumerate(states):
+                rng = self._rng if rank == self.global_rank else random.Random()
+                if rng is not self._rng:
+                    rng.setstate(state)
+                peers.append(rng)
+            self._peer_rngs = peers
 
     def configure_optimizers(self):
         oc = self.optim_cfg
@@ -163,14 +224,32 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
     def teacher_features(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher features; ``lengths`` must lie in [one teacher frame, N] (`check_batch` runs on every batch
         on the host), so the teacher never reads them back (no host sync)."""
+        # fp32 island: the teacher's features are the frozen distillation / REPA targets. In fp32 they are the
+        # same under bf16-mixed as in fp32 training and as the pre-extracted ones (data.teacher_features: this
+        # teacher run outside autocast, stored as fp32): autocast would put only the encoder's matmuls in bf16 and
+        # move the targets by bf16 rounding. No grad, so it costs compute but no activation memory.
         with torch.autocast(device_type=self.device.type, enabled=False):
             return self.teacher(audio.float(), lengths, lengths_checked=True)
 
-    def sample_threshold(self) -> float:
+    def sample_threshold(self, rng: random.Random | None = None) -> float:
         tc = self.threshold_cfg
         if tc["fixed"] is not None:
             return float(tc["fixed"])
-        return self._rng.uniform(float(tc["lower"]), float(tc["upper"]))
+        return (rng or self._rng).uniform(float(tc["lower"]), float(tc["upper"]))
+
+    def draw_step(self) -> tuple[float, bool, bool]:
+        """This rank's τ and RVQ-bypass draws for a step, and whether some rank runs the RVQ in it (host values,
+        no sync). ``_rng`` is drawn from here only: the other ranks' copies (``_peer_rngs``) replay exactly the
+        same calls, so they stay in step with the ranks they mirror."""
+        p = self.bypass_quantize_prob
+        threshold = self.sample_threshold()
+        bypass = self._rng.random() < p
+        rvq_somewhere = not bypass
+        for rng in self._peer_rngs or ():
+            if rng is not self._rng:
+                self.sample_threshold(rng)
+                rvq_somewhere |= not (rng.random() < p)
+        return threshold, bypass, rvq_somewhere
 
     def generator_losses(self, batch: dict, threshold: float, bypass: bool) -> tuple[dict, Any, Tensor, Tensor]:
         audio, lengths = batch["audio"], batch["lengths"]
@@ -242,11 +321,12 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         self._epoch_batches += 1
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
-        threshold = self.sample_threshold()
-        bypass = self._rng.random() < self.bypass_quantize_prob
+        threshold, bypass, rvq_somewhere = self.draw_step()
         gen_step = self.global_step
         gan_on = gen_step >= self.disc_start_step
+        first_micro = self._micro % self.accumulate == 0
         self._micro += 1
+        self._rvq_in_window = rvq_somewhere or (self._rvq_in_window and not first_micro)
         last_micro = self._micro % self.accumulate == 0
         logs: dict[str, Tensor] = {}
 
@@ -264,7 +344,20 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
             # D frozen inside: its weight gradients from the generator loss would belong to no update.
             terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
         loss_g, term_logs = combine_losses(terms, self.loss_weights)
-        self.manual_backward(loss_g / self.accumulate)
+        loss_back = loss_g / self.accumulate
+        if bypass and self._zero_fill_bypass:
+            # Generator DDP without unused-parameter detection: every hook of it must fire in every G backward.
+            # The bypassed RVQ path gets exact zeros, which all-reduce to what detection gives (zeros in the
+            # bucket slots of locally unused parameters); the loss value and all other gradients are unchanged.
+            loss_back = with_zero_gradients(loss_back, self._rvq_params)
+        self.manual_backward(loss_back)
+        if self._zero_fill_bypass and not self._rvq_in_window:
+            # No rank ran the RVQ in this accumulation window (all drew a bypass: host knowledge, see draw_step):
+            # its gradients are all-reduced zeros, where detection leaves them None (a globally unused
+            # parameter's .grad is not touched) and fused AdamW skips a None gradient (no weight decay, no
+            # moment or step-count update). Back to None: the update equals detection's (and one process's).
+            for p in self._rvq_params:
+                p.grad = None
         if last_micro:
             g_params = [p for g in opt_g.param_groups for p in g["params"]]
             norm_g = self._clip(g_params)
@@ -331,6 +424,7 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
             "rng_torch": torch.get_rng_state(),
             "micro_step": self._micro,
             "epoch_batches": self._epoch_batches,
+            "rvq_in_window": self._rvq_in_window,  # (the same on every rank; only read mid-accumulation)
         }
         self._save_training_state(checkpoint)  # per-rank CPU + CUDA RNG states, the EMA ("rng_states", "ema")
         from flexitrain.tasks.checkpointing import save_hook
@@ -345,6 +439,7 @@ class CodecTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
             self._pending_rng = state["rng_torch"]
             self._micro = int(state["micro_step"])
             self._epoch_batches = self._resume_skip = int(state["epoch_batches"])
+            self._rvq_in_window = bool(state.get("rvq_in_window", True))
         self._load_training_state(checkpoint)  # per-rank RNG states (over the above), the EMA
 
     def export_generator(self, path: str) -> None:

@@ -88,6 +88,8 @@ class VocosTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         if self.sample_rate != SAMPLE_RATE:
             audio = resample(audio, self.sample_rate, SAMPLE_RATE, backend="torch")
             lengths = resample_lengths(lengths, self.sample_rate, SAMPLE_RATE)
+        # fp32 island: the mel is the vocoder's input condition, computed as at inference (fp32, see
+        # audio/mel24k.py) whatever the training precision; no grad, element-wise and FFT work only.
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             mel, _ = mel24k(audio[:, 0], SAMPLE_RATE)
         fake = self.generator(mel)

@@ -230,6 +230,9 @@ class VoiceboxTask(TrainingStateMixin, L.LightningModule):
         audio, lengths = batch["audio"].float(), batch["lengths"].long()
         if audio.dim() != 3 or audio.shape[1] != 1:
             raise ValueError(f"batch['audio'] must be [B, 1, T], got {tuple(audio.shape)}")
+        # fp32 island (no grad): the targets -- the regression target mel (fp32 FFT / log, audio/mel24k.py), the
+        # frozen codec's semantic codes (discrete decisions, as pre-extracted ones) and REPA features -- must not
+        # depend on the training precision.
         with torch.autocast(self.device.type, enabled=False):
             mel, _ = mel24k(audio[:, 0], self.sample_rate)
             mel = mel.transpose(1, 2)

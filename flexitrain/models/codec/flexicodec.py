@@ -582,6 +582,8 @@ class FlexiCodec(nn.Module):
         n_acoustic = self.n_codebooks if num_quantizers is None else num_quantizers - 1
         acoustic_codes = None
         if n_acoustic > 0:
+            # fp32 island (as in `forward`): the residual and the nearest-codeword search decide discrete codes; in
+            # bf16 near-ties would flip codes with the dtype. Small tensors: [B, latent, G] at ~12.5 Hz.
             with _no_autocast(ac_tokens):
                 acoustic_codes = self.dac.quantizer((ac_tokens - sem_decoded).float(), n_acoustic).codes
 
@@ -766,6 +768,9 @@ class FlexiCodec(nn.Module):
             vq_mask = None
             if static:
                 vq_mask = torch.arange(ac_tokens.shape[-1], device=device) < grouping.compact_groups
+            # fp32 island: the residual subtraction, the nearest-codeword search (code decisions: the same codes as
+            # at inference, which runs it in fp32 too) and the commitment / codebook MSEs (differences of close
+            # vectors) stay fp32 under bf16 autocast. Cheap: [B, latent, G] frames at ~12.5 Hz.
             with _no_autocast(ac_tokens):
                 rvq = self.dac.quantizer((ac_tokens - sem_decoded).float(), n_quantizers, dropout=quantizer_dropout,
                                          loss_mask=vq_mask)

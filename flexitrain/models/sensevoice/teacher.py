@@ -133,6 +133,9 @@ class SenseVoiceTeacher(nn.Module):
             feat_lengths = torch.full((b,), t, dtype=torch.long, device=feats.device)
         feat_lengths = torch.as_tensor(feat_lengths, device=feats.device).long()
         dtype = self.embed.weight.dtype
+        # Autocast off: the encoder runs in its weights' dtype (fp32 as released, or what the caller cast it to),
+        # not a per-op mix. Its output is a frozen target (distillation, REPA, codes of pre-extracted caches) that
+        # must not depend on the trainer's precision; the caller decides the dtype explicitly.
         with torch.autocast(device_type=feats.device.type, enabled=False):
             prompt = self.embed(self.prompt_ids).to(dtype).expand(b, -1, -1)
             x = torch.cat([prompt, feats.to(dtype)], dim=1)
@@ -152,6 +155,9 @@ class SenseVoiceTeacher(nn.Module):
         ``lengths[b]``) and zero after it. ``lengths_checked``: every length is known to lie in
         [``frontend.frame_samples``, T] (checked on the host where the batch was built): then nothing is read back
         to the host (no device sync)."""
+        # fp32 island: the Kaldi fbank front end (pre-emphasis differences of neighbouring samples, power
+        # spectrum, log with a float32-eps floor, CMVN) loses most of its precision in bf16's 8 significand bits
+        # (and has no bf16 FFT); it is element-wise and cheap next to the encoder.
         with torch.autocast(device_type=wav.device.type, enabled=False):
             feats, feat_lengths = self.frontend(wav.float(), lengths, lengths_checked)
         return self.encode_features(feats, feat_lengths)
