@@ -72,8 +72,9 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_run(corpus, tmp_pat
     assert torch.equal(full["rng_states"]["ranks"][0]["torch"], cut["rng_states"]["ranks"][0]["torch"])
 
 
-@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_is_exact(corpus, tmp_path):
+    """The cut at step 3 closes epoch 0: the resumed run must train epoch 1 on epoch 1's stream (it used to
+    replay epoch 0's: Lightning asks for the loader while still in the finished epoch)."""
     run_train(tmp_path, common(corpus, 7, "full"))
     run_train(tmp_path, common(corpus, 3, "cut"))
     run_train(tmp_path, common(corpus, 7, "cut"))

@@ -160,6 +160,11 @@ def test_resumed_epoch_replays_the_mixed_stream_and_stats_count_per_corpus(corpo
     assert len(resumed) == 7
     for x, y in zip(full[5:], resumed):
         assert x["keys"] == y["keys"] and torch.equal(x["audio"], y["audio"])
+    # A checkpoint written after the epoch's last batch: Lightning resumes in that finished epoch (epoch_fn still
+    # says 2) and trains the next one on this pass, which must be epoch 3's stream from its start.
+    after_boundary = list(AudioLoader(ds, num_workers=2, epoch_fn=lambda: 2, skip_fn=lambda: 12))
+    next_epoch = list(AudioLoader(ds, num_workers=2, epoch_fn=lambda: 3))
+    assert [b["keys"] for b in after_boundary] == [b["keys"] for b in next_epoch] != [b["keys"] for b in full]
 
 
 def test_datamodule_sizes_mixed_epochs_and_logs_corpus_counts(corpora):

@@ -212,9 +212,16 @@ class AudioLoader(DataLoader):
             return 1 << 62
 
     def __iter__(self):
+        skip = self._skip_fn() if self._skip_fn is not None else 0
+        epoch = self._epoch_fn() if self._epoch_fn is not None else None
+        epoch = self._passes if epoch is None else epoch
+        if skip >= self._epoch_len():
+            # The checkpoint was written after the epoch's last batch: Lightning resumes in that (finished) epoch
+            # and asks for its loader before it moves on, then trains the next epoch on this very pass. So this
+            # pass is the next epoch's stream, from its start.
+            skip, epoch = 0, epoch + 1
         if hasattr(self.dataset, "set_epoch"):
-            epoch = self._epoch_fn() if self._epoch_fn is not None else None
-            self.dataset.set_epoch(self._passes if epoch is None else epoch)
+            self.dataset.set_epoch(epoch)
         self._passes += 1
         pool = self.pool
         if pool is not None:
@@ -223,9 +230,6 @@ class AudioLoader(DataLoader):
         workers = super().__iter__()
         track_workers(workers)  # stopped at interpreter exit if still running (they ignore SIGTERM)
         batches = (finalize_batch(batch, pool, pin) for batch in workers)
-        skip = self._skip_fn() if self._skip_fn is not None else 0
-        if skip >= self._epoch_len():
-            skip = 0  # the checkpoint closed its epoch: this pass is the next epoch, from its start
         # A run resumed mid-epoch replays the epoch's (deterministic) stream up to where it stopped.
         return itertools.islice(batches, skip, None) if skip else batches
 
