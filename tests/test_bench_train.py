@@ -93,6 +93,17 @@ def test_voicebox_demo_step(bench, capsys, tmp_path):
     assert int(m["syncs"]) == 0, result["sync_events"]
 
 
+def test_vocos_demo_step(bench, capsys, tmp_path):
+    """The Vocos GAN step (mel -> waveform, multi-resolution D) with its D-step / G-side-D split and no host sync
+    (lengths checked on the host before the transfer)."""
+    result, m, _ = _run(bench, capsys, tmp_path, ["--task", "vocos", "--recipe", "vocos_24k_demo", *TINY,
+                                                  "--seconds", "0.5"])
+    _check_flops(result, m)
+    phases = result["flops"]["phases"]
+    assert result["task"] == "vocos" and phases["d_step"] > 0 and phases["g_side_d"] > 0
+    assert int(m["syncs"]) == 0, result["sync_events"]
+
+
 def _toy_gan_step(bench, freeze_d: bool):
     """One GAN step of a conv G and D under FlopCounterMode + PhaseFlops (no Lightning): D step on the detached
     fake, then the generator loss through D, with D's parameters frozen or not during the generator backward."""

@@ -98,6 +98,21 @@ class VocosTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
         mask = lengths_to_mask(lengths, n)[:, None].to(fake.dtype)
         return fake * mask, audio[..., :n] * mask, lengths
 
+    def check_batch(self, batch: Any) -> None:
+        """Host-side length check before the batch moves to the device: every length in [1, padded width]. After
+        resampling (ceil: >= 1) and the clamp to the output's frames they stay in [1, N], so the mel loss can trust
+        them without reading them back (no device sync in the step)."""
+        if not isinstance(batch, dict) or "audio" not in batch or "lengths" not in batch:
+            return
+        lengths, width = torch.as_tensor(batch["lengths"]), batch["audio"].shape[-1]
+        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > width):
+            raise ValueError(f"batch lengths must lie in [1, {width}] samples (the padded width), got "
+                             f"{lengths.tolist()}")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.check_batch(batch)  # still on the host here
+        return batch
+
     def _clip(self, params) -> Tensor:
         return torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
 
@@ -116,7 +131,7 @@ class VocosTask(NonFiniteStepGuard, TrainingStateMixin, L.LightningModule):
             # Raw step: global_step counts generator updates only.
             self._guarded_step(loss_d, norm_d, opt_d, sched_d, step=opt_d.optimizer.step)
             logs["loss_d"] = loss_d.detach()
-        terms = {"mel": self.mel_loss(fake, real, lengths)}
+        terms = {"mel": self.mel_loss(fake, real, lengths, check_lengths=False)}  # checked: see check_batch
         if gan_on:
             # D frozen inside: its weight gradients from the generator loss would belong to no update.
             terms["adv"], terms["feat"] = generator_gan_terms(self.discriminator, fake, real)
