@@ -103,7 +103,8 @@ def test_padded_batch_lengths_and_bf16(model_dir, tmp_path, capsys):
     """--pad-seconds rounds each batch's length up (shapes that repeat, for cudnn.benchmark on a GPU): the padding
     is masked, so the tokens are those of the unpadded run (here exactly; in general up to float rounding of the
     teacher features, as for any change of batch composition); the prepared batches really are padded. --dtype
-    bf16 runs under autocast and still writes a token file per item; the settings line names what ran."""
+    bf16 runs under autocast and still writes a token file per item; --compile (aot_eager: the traced graphs without
+    generated kernels) gives the same tokens; the settings line names what ran."""
     import extract_tokens
 
     root, clips = model_dir
@@ -119,6 +120,9 @@ def test_padded_batch_lengths_and_bf16(model_dir, tmp_path, capsys):
     # the same items together, with the same lengths; only T (and so the offsets) grow
     assert [(b[0], b[2], b[4]) for b in padded["batches"]] == [(b[0], b[2], b[4]) for b in plain["batches"]]
     assert max(b[3] for b in padded["batches"]) > max(b[3] for b in plain["batches"])
+    extract_tokens.main([*common, "--out", str(tmp_path / "compiled"), "--compile", "aot_eager"])
+    assert "compile dac.encoder+dac.decoder" in capsys.readouterr().out  # traced graphs: the same arithmetic
+    assert members(tmp_path / "plain" / "shard-000000.tar") == members(tmp_path / "compiled" / "shard-000000.tar")
     extract_tokens.main([*common, "--out", str(tmp_path / "bf16"), "--dtype", "bf16"])
     assert "dtype bf16" in capsys.readouterr().out
     bf = members(tmp_path / "bf16" / "shard-000000.tar")

@@ -395,6 +395,9 @@ def main(argv=None) -> dict:
                    help="torch.backends.cudnn.benchmark (default: on with CUDA)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: teacher and codec under bf16 autocast (GPU; codes may differ from fp32's)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the codec's DAC encoder/decoder and bottleneck (default backend inductor; "
+                        "padded lengths keep the shapes few; compiles on the first batches)")
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     pad_seconds = args.pad_seconds if args.pad_seconds is not None else (1.0 if cuda else 0.0)
@@ -416,12 +419,18 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     codec, teacher = load_codec(args.ckpt, teacher_cfg, device=args.device)
     load_seconds = time.perf_counter() - t
+    compiled = []
+    if args.compile:
+        from flexitrain.tasks.compiling import codec_inference_targets, compile_modules, compile_options
+
+        compiled = compile_modules(codec_inference_targets(codec), compile_options({"backend": args.compile}))
     if args.acoustic and not 2 <= args.num_quantizers <= codec.n_codebooks + 1:
         raise SystemExit(f"--num-quantizers {args.num_quantizers} must be in [2, {codec.n_codebooks + 1}] with "
                          "--acoustic for this codec (1 would be the semantic codes only)")
     print(f"settings: device {args.device}, dtype {args.dtype}, cudnn.benchmark {torch.backends.cudnn.benchmark}, "
           f"batch {args.batch_seconds:g} s of audio, lengths padded to multiples of {pad_seconds:g} s, "
-          f"workers {args.workers}", flush=True)
+          f"workers {args.workers}, compile {'+'.join(compiled) + ' (' + args.compile + ')' if compiled else 'off'}",
+          flush=True)
     report: dict = {}
     stats = extract_dir(shards, Path(args.out), codec, teacher, args.thresholds, str(args.ckpt),
                         batch_seconds=args.batch_seconds, device=args.device,
