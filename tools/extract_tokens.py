@@ -380,6 +380,8 @@ def main(argv=None) -> dict:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.86, 0.91])
     p.add_argument("--teacher-dir", default=None, help="local SenseVoiceSmall folder (overrides the checkpoint's)")
     p.add_argument("--teacher-random-init", action="store_true", help="random teacher (demo codecs only)")
+    p.add_argument("--teacher-blocks", type=int, default=2,
+                   help="blocks of the random teacher (50 = SenseVoiceSmall's size, for speed figures)")
     p.add_argument("--batch-seconds", type=float, default=120.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=default_workers(),
@@ -412,8 +414,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"no .tar shards under {src}")
     teacher_cfg = None
     if args.teacher_dir or args.teacher_random_init:
-        teacher_cfg = {"model_dir": args.teacher_dir, "random_init": args.teacher_random_init, "num_blocks": 2
-                       if args.teacher_random_init else 50}
+        teacher_cfg = {"model_dir": args.teacher_dir, "random_init": args.teacher_random_init,
+                       "num_blocks": args.teacher_blocks if args.teacher_random_init else 50}
     from flexitrain.evaluation.loading import load_codec
 
     t = time.perf_counter()
