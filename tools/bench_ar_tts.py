@@ -240,20 +240,19 @@ def official_and_ours(config: dict, seed: int = 0):
     return wrapper, ours
 
 
-def _best_of_pair(run_a, run_b, device, dtype, repeats: int):
-    """Warm-up runs of both, then `repeats` rounds of one timed run of each, alternating (a drifting load on a
-    shared machine then hits both alike); the best time of each and its last result. All under the same autocast."""
+def timed_pair(fn_a, fn_b, repeats: int, device) -> tuple:
+    """Best times of two functions over `repeats` rounds of one timed run of each, alternating (a drifting load on a
+    shared machine then hits both alike): (best a, last result of a, best b, last result of b). No warm-up: do it
+    before."""
     best, outs = [float("inf"), float("inf")], [None, None]
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        run_a(), run_b()
-        for _ in range(max(1, repeats)):
-            for i, run in enumerate((run_a, run_b)):
-                sync(device)
-                t = time.perf_counter()
-                outs[i] = run()
-                sync(device)
-                best[i] = min(best[i], time.perf_counter() - t)
-    return outs[0], best[0], outs[1], best[1]
+    for _ in range(max(1, repeats)):
+        for i, fn in enumerate((fn_a, fn_b)):
+            sync(device)
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], outs[0], best[1], outs[1]
 
 
 def bench_official(config: dict, device, gen_tokens: int, prompt_len: int, dtype, repeats: int = 3,
@@ -291,7 +290,9 @@ def bench_official(config: dict, device, gen_tokens: int, prompt_len: int, dtype
         return generate(ours, case["text"], case["framerate"], case["prompt_text"], case["prompt_speech_token"],
                         case["prompt_token_lengths"], cfg)
 
-    theirs, t_official, mine, t_ours = _best_of_pair(run_official, run_ours, device, dtype, repeats)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # both under the same autocast
+        run_official(), run_ours()  # warm-up
+        t_official, theirs, t_ours, mine = timed_pair(run_official, run_ours, repeats, device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         traced = rpv.ar_greedy(wrapper, case)  # untimed, with per-step logits
     o_tokens, o_dur = theirs["speech_tokens"].cpu(), theirs["duration_classes"].cpu()

@@ -134,20 +134,6 @@ def bench_pipeline(args, nar, vocoder, device, autocast) -> dict:
             **{f"{k}_rtf": v / audio_s for k, v in stage.items()}}
 
 
-def timed_pair(fn_a, fn_b, repeats: int, device: torch.device):
-    """`timed` for two functions, alternating their timed runs (a drifting load on a shared machine then hits
-    both alike): (best a, last result of a, best b, last result of b). No warm-up: do it before."""
-    best, outs = [float("inf"), float("inf")], [None, None]
-    for _ in range(max(1, repeats)):
-        for i, fn in enumerate((fn_a, fn_b)):
-            sync(device)
-            t0 = time.perf_counter()
-            outs[i] = fn()
-            sync(device)
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0], outs[0], best[1], outs[1]
-
-
 def official_voicebox_config(config) -> tuple[dict, dict]:
     """VoiceboxConfig -> the official (voicebox_config, VoiceboxWrapper keyword arguments)."""
     if config.rope_theta != 10000.0:
@@ -211,6 +197,8 @@ def bench_official_nar(args, nar, codes, prompt_codes, prompt_mel, device, autoc
                                    **sampler)
 
     run_ours()  # warm-up (compiles with --compile)
+    from bench_ar_tts import timed_pair
+
     t_official, theirs, t_ours, mine = timed_pair(run_official, run_ours, args.repeats, device)
     same_noise = torch.equal(first, theirs)  # the seeded draw repeats: every official run had the compared noise
     theirs, mine = theirs[0].float(), mine.float()

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of issues 13 (training) and 14 (inference) in one prepared run, for a device machine with torch and
-# lightning but not this project's other requirements (carried as wheels in .whl/, see bench_codec_step.sh).
+# lightning but not this project's other requirements: those are carried as wheels in .whl/ (pure-Python ones from
+# `pip download --no-deps -d .whl hydra-core omegaconf antlr4-python3-runtime webdataset braceexpand soxr soundfile
+# safetensors ...`, as the device README says) and installed into /tmp/site.
 # Stages run in order, each under its own timeout, each writing <stage>.log (+ .json) to $OUT and its summary line
 # to $OUT/summary.txt; pick them with STAGES (default: all, about 9 minutes on an H200 after the wheel install):
 #
