@@ -24,6 +24,16 @@ MICRO_TASK = [
     "task.discriminator.channels=4", "task.disc_start_step=0", "task.scheduler.warmup_steps=2",
 ]
 
+# A tiny FlexiCodec for model-level tests (constructor arguments; a few ms per call on CPU).
+TINY_CODEC = dict(
+    sample_rate=16000, encoder_dim=8, encoder_rates=[4, 4, 5, 8, 2], decoder_rates=[2, 8, 5, 4, 4],
+    n_codebooks=4, quantizer_dropout=1.0, codebook_size=64, is_causal=False, use_similarity_alignment=True,
+    similarity_threshold=0.91, semantic_downsample_factor=1.33333, latent_dim=64, use_bottleneck_transformer=True,
+    transformer_num_layers=2, transformer_dim_feedforward=128, transformer_num_heads=4, transformer_dim=64,
+    max_tokens_per_group=8, use_query_token_aggregator=True, use_dynamic_similarity_threshold=True,
+    decoder_dim=64, convnext_dim=64, convnext_layers=1, agg_transformer_num_layers=1, agg_transformer_dim=64,
+    agg_transformer_num_heads=4, agg_transformer_dim_feedforward=128)
+
 
 def build_tiny_corpus(out: Path) -> Path:
     if shutil.which("espeak-ng") is None:

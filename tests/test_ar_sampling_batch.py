@@ -5,7 +5,9 @@ left-padding mask of ``forward_chunk``; limits and reproducibility of sampled ba
 import pytest
 import torch
 
-from flexitrain.models.tts.ar_tts import ARTTSModel, tiny_config
+import ar_fixtures
+from ar_fixtures import left_padded
+
 from flexitrain.models.tts.sampling import SamplingConfig, generate, generate_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,11 +16,7 @@ GREEDY = dict(top_k=1, duration_top_k=1, max_token_text_ratio=3.0, min_token_tex
 
 
 def tiny_model(seed=0, eos_bias=0.0, **kw):
-    torch.manual_seed(seed)
-    model = ARTTSModel(**{**tiny_config(), "text_token_size": 300, "speech_token_size": 50, "llm_blocks": 2, **kw})
-    with torch.no_grad():  # a random model rarely says EOS: nudge it so that some utterances stop by EOS
-        model.llm_decoder.bias[model.eos_id] += eos_bias
-    return model.eval()
+    return ar_fixtures.tiny_model(seed, eos_bias, **{"llm_blocks": 2, **kw})
 
 
 def inputs(seed=0):
@@ -113,11 +111,7 @@ def test_left_padded_chunks_equal_unpadded():
     torch.manual_seed(0)
     seqs = [torch.randn(1, n, d) for n in (7, 3, 5)]
     steps = torch.randn(3, 4, d)  # 4 single-position steps per item
-    total = max(s.size(1) for s in seqs)
-    padded = torch.zeros(3, total, d)
-    for i, s in enumerate(seqs):
-        padded[i, total - s.size(1):] = s[0]
-    offsets = torch.tensor([total - s.size(1) for s in seqs])
+    padded, offsets = left_padded(seqs)
     with torch.no_grad():
         out, cache = lm.forward_chunk(padded, None, offsets)
         assert torch.isfinite(out).all()

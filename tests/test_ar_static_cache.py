@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ar_fixtures import left_padded, tiny_model
+
 from flexitrain.models.tts.ar_layers import StaticKVCache
-from flexitrain.models.tts.ar_tts import ARTTSModel, tiny_config
 from flexitrain.models.tts.sampling import NOISE_CHUNK, SamplingConfig, _pick, generate, generate_batch
 from flexitrain.utils.dispatch_count import SyncCounter
 
@@ -23,14 +24,6 @@ EPS = torch.finfo(torch.float32).eps
 # the blocks and the final LayerNorm this measured <= 1.6 EPS x max|h| (2 and 4 blocks, 200 steps). Bound:
 # 16 EPS x max|h|, ten times that.
 ULPS = 16
-
-
-def tiny_model(seed=0, eos_bias=0.0, **kw):
-    torch.manual_seed(seed)
-    model = ARTTSModel(**{**tiny_config(), "text_token_size": 300, "speech_token_size": 50, **kw})
-    with torch.no_grad():  # a random model rarely says EOS: nudge it so that some utterances stop by EOS
-        model.llm_decoder.bias[model.eos_id] += eos_bias
-    return model.eval()
 
 
 def assert_ulps(actual, expected, ulps=ULPS):
@@ -137,10 +130,7 @@ def test_static_step_with_left_padding_equals_rows_alone():
     seqs = [torch.randn(1, n, d) for n in (7, 3, 5)]
     steps = torch.randn(3, 6, d)
     total = max(s.size(1) for s in seqs)
-    padded = torch.zeros(3, total, d)
-    for i, s in enumerate(seqs):
-        padded[i, total - s.size(1):] = s[0]
-    offsets = torch.tensor([total - s.size(1) for s in seqs])
+    padded, offsets = left_padded(seqs)
     with torch.no_grad():
         _, cache = lm.forward_chunk(padded, None, offsets)
         static = StaticKVCache(lm, 3, 64, cache[0][0], offsets)
